@@ -1,0 +1,111 @@
+//! Credentials: the `[route.auth]` types and the one trait every type implements.
+//!
+//! Adding a credential type is adding a module here: its `Spec` (the TOML shape), a
+//! `build` that checks it and resolves its secrets, and an [`Authenticator`] impl. The only
+//! other line to touch is its variant in [`AuthSpec`].
+
+mod static_headers;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use crate::error::ProxyError;
+
+/// `[route.auth]` as written: `type = "..."` picks the variant.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AuthSpec {
+    /// Any set of static headers (Oblien's X-Client pair, OpenPanel's client headers, ...).
+    Headers(static_headers::HeadersSpec),
+    /// `Authorization: Bearer <token>` from a static key.
+    Bearer(static_headers::BearerSpec),
+    /// No credentials: the caller's own `Authorization` passes through.
+    None,
+}
+
+impl AuthSpec {
+    /// The name used in `type = "..."`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Headers(_) => "headers",
+            Self::Bearer(_) => "bearer",
+            Self::None => "none",
+        }
+    }
+}
+
+/// A problem in `[route.auth]`: the key under `auth.` and what is wrong.
+#[derive(Debug)]
+pub struct BuildError {
+    pub key: String,
+    pub msg: String,
+}
+
+impl BuildError {
+    pub fn new(key: impl Into<String>, msg: impl ToString) -> Self {
+        Self {
+            key: key.into(),
+            msg: msg.to_string(),
+        }
+    }
+}
+
+/// Checks a spec, resolves its secrets and builds the authenticator for a route.
+pub fn build(spec: &AuthSpec, route: &str) -> Result<Arc<dyn Authenticator>, BuildError> {
+    match spec {
+        AuthSpec::Headers(s) => static_headers::build_headers(s, route),
+        AuthSpec::Bearer(s) => static_headers::build_bearer(s, route),
+        AuthSpec::None => Ok(static_headers::none()),
+    }
+}
+
+/// Attaches a route's credentials to each request it forwards.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Header names this route sets. The caller's values for them are always removed.
+    fn injects(&self) -> &[HeaderName];
+
+    /// Whether the caller's own `Authorization` is removed (every type that injects
+    /// credentials does; `none` passes it through).
+    fn strips_authorization(&self) -> bool;
+
+    /// The credentials for one request. `path` is the request path after the route's prefix;
+    /// a type that takes part of it (a workspace id) advances it.
+    fn grant<'a>(&'a self, path: &mut &str) -> GrantFuture<'a>;
+
+    /// The upstream answered 401 to a request that carried `grant`. Returns true when a
+    /// fresh credential will be used for a replay; false when replaying cannot help.
+    fn rejected(&self, _grant: &Grant) -> bool {
+        false
+    }
+}
+
+/// Credentials for one request: headers to set (values marked sensitive).
+#[derive(Clone, Default)]
+pub struct Grant {
+    pub headers: Arc<[(HeaderName, HeaderValue)]>,
+}
+
+/// The result of [`Authenticator::grant`]: ready at once on the hot path (static headers, a
+/// cached token), or a future when a token must be fetched first.
+pub enum GrantFuture<'a> {
+    Ready(Option<Result<Grant, ProxyError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<Grant, ProxyError>> + Send + 'a>>),
+}
+
+impl Future for GrantFuture<'_> {
+    type Output = Result<Grant, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            GrantFuture::Ready(r) => {
+                Poll::Ready(r.take().expect("GrantFuture polled after completion"))
+            }
+            GrantFuture::Pending(f) => f.as_mut().poll(cx),
+        }
+    }
+}

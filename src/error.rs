@@ -1,0 +1,155 @@
+//! What credgate itself can fail at, and the one place that turns it into an HTTP response.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+use crate::body::{self, Body};
+
+/// An error produced by credgate (never by the upstream: upstream responses pass through).
+///
+/// Messages are written for the caller: they say what went wrong and what to do, and never
+/// contain a secret or token. Detail for operators goes to the log at the point of failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("credgate is not an open proxy: no route forwards to host {0}")]
+    ForbiddenHost(String),
+    #[error("CONNECT is not supported: send plain http:// URLs through credgate (it adds credentials and upgrades to TLS itself)")]
+    ConnectNotSupported,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    #[error("the upstream closed the connection or sent an invalid response")]
+    UpstreamFailed,
+    #[error("the upstream did not answer within {}s", .0.as_secs_f32())]
+    UpstreamTimeout(Duration),
+    #[error("credentials are unavailable: {0}")]
+    CredentialsUnavailable(String),
+    #[error("workspace {0} is not in this route's allow-list")]
+    ForbiddenWorkspace(String),
+    #[error("rate limit: {reason}; retry after {}s", retry_after.as_secs())]
+    Throttled {
+        reason: &'static str,
+        retry_after: Duration,
+    },
+}
+
+impl ProxyError {
+    /// The status and stable machine-readable code for each error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ProxyError::*;
+        match self {
+            NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            ForbiddenHost(_) => (StatusCode::FORBIDDEN, "forbidden_host"),
+            ConnectNotSupported => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            CredentialsUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "credentials_unavailable")
+            }
+            ForbiddenWorkspace(_) => (StatusCode::FORBIDDEN, "forbidden_workspace"),
+            Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        }
+    }
+
+    /// The JSON error response: `{"error": code, "message": text, "route": name|null}`.
+    pub fn into_response(self, route: Option<&str>) -> Response<Body> {
+        #[derive(Serialize)]
+        struct ErrorBody<'a> {
+            error: &'a str,
+            message: String,
+            route: Option<&'a str>,
+        }
+        let (status, code) = self.status_and_code();
+        let json = serde_json::to_vec(&ErrorBody {
+            error: code,
+            message: self.to_string(),
+            route,
+        })
+        .expect("error body serialises");
+        let mut res = Response::new(body::full(Bytes::from(json)));
+        *res.status_mut() = status;
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            ProxyError::ConnectNotSupported => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            ProxyError::Throttled { retry_after, .. } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_status_and_code() {
+        let cases = [
+            (ProxyError::NoRoute, 404, "no_route"),
+            (ProxyError::ForbiddenHost("x".into()), 403, "forbidden_host"),
+            (ProxyError::ConnectNotSupported, 405, "method_not_allowed"),
+            (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (ProxyError::UpstreamUnreachable, 502, "upstream_unreachable"),
+            (ProxyError::UpstreamFailed, 502, "upstream_error"),
+            (
+                ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+            ),
+            (
+                ProxyError::CredentialsUnavailable("x".into()),
+                503,
+                "credentials_unavailable",
+            ),
+            (
+                ProxyError::ForbiddenWorkspace("x".into()),
+                403,
+                "forbidden_workspace",
+            ),
+            (
+                ProxyError::Throttled {
+                    reason: "x",
+                    retry_after: Duration::from_secs(2),
+                },
+                429,
+                "rate_limited",
+            ),
+        ];
+        for (err, status, code) in cases {
+            let (s, c) = err.status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn throttled_carries_retry_after() {
+        let res = ProxyError::Throttled {
+            reason: "queue full",
+            retry_after: Duration::from_secs(3),
+        }
+        .into_response(Some("r"));
+        assert_eq!(res.headers()[header::RETRY_AFTER], "3");
+    }
+}

@@ -1,0 +1,231 @@
+//! Talking to upstreams: the pooled TLS client, hop-by-hop headers, the upstream URI.
+
+use std::sync::{Arc, OnceLock};
+
+use http::uri::PathAndQuery;
+use http::{header, HeaderMap, HeaderName, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
+
+use crate::body::Body;
+use crate::config::{Timeouts, Upstream};
+
+/// A pooled upstream client: HTTP/1.1, or HTTP/2 where the upstream offers it via ALPN.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The clients of one route: `pooled` for ordinary requests, `http1` for upgrades
+/// (WebSocket handshakes need HTTP/1.1 even where the upstream speaks HTTP/2).
+#[derive(Clone)]
+pub struct Clients {
+    pub pooled: HttpClient,
+    pub http1: HttpClient,
+}
+
+impl Clients {
+    pub fn new(
+        timeouts: &Timeouts,
+        ca: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Self, rustls::Error> {
+        let tls = tls_config(ca)?;
+        let build = |http2: bool| {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(timeouts.connect));
+            let b = HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http();
+            let connector = if http2 {
+                b.enable_all_versions().wrap_connector(http)
+            } else {
+                b.enable_http1().wrap_connector(http)
+            };
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(timeouts.idle)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector)
+        };
+        Ok(Self {
+            pooled: build(true),
+            http1: build(false),
+        })
+    }
+}
+
+fn tls_config(
+    ca: Option<&[CertificateDer<'static>]>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = system_roots().clone();
+    for cert in ca.unwrap_or_default() {
+        roots.add(cert.clone())?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
+/// Mozilla's roots (webpki-roots) plus the OS store, read once.
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let native = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, "loaded OS trust store");
+        roots
+    })
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// proxy credentials a caller may send to credgate itself.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether a header is hop-by-hop (never forwarded, never injectable).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive (for a handshake).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    let upgrade = keep_upgrade
+        .then(|| headers.remove(header::UPGRADE))
+        .flatten();
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    }
+}
+
+/// Whether a request asks to switch protocols (WebSocket and friends).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The upstream URI: `scheme://authority[base]path[?query]`.
+pub fn upstream_uri(
+    up: &Upstream,
+    base: bool,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Uri, http::Error> {
+    let base = if base { up.base_path.as_str() } else { "" };
+    let path = if path.is_empty() && base.is_empty() {
+        "/"
+    } else {
+        path
+    };
+    let mut pq = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+    pq.push_str(base);
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?)
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn base_path_and_query_are_joined() {
+        let up = Upstream::parse("http://127.0.0.1:9000/v1").unwrap();
+        assert_eq!(
+            upstream_uri(&up, true, "/x", Some("q=1")).unwrap(),
+            "http://127.0.0.1:9000/v1/x?q=1"
+        );
+        assert_eq!(
+            upstream_uri(&up, true, "", None).unwrap(),
+            "http://127.0.0.1:9000/v1"
+        );
+        assert_eq!(
+            upstream_uri(&up, false, "/v1/y", None).unwrap(),
+            "http://127.0.0.1:9000/v1/y"
+        );
+        let root = Upstream::parse("https://api.oblien.com").unwrap();
+        assert_eq!(
+            upstream_uri(&root, true, "", Some("a")).unwrap(),
+            "https://api.oblien.com/?a"
+        );
+    }
+}

@@ -1,0 +1,40 @@
+//! credgate: a local auth-injecting reverse proxy.
+//!
+//! Plain, unauthenticated HTTP comes in on localhost; credgate picks the route, attaches the
+//! credentials that route needs and forwards the request upstream over TLS, streaming both ways.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, checked once at load into types that cannot be wrong.
+//! - [`secret`]: where secrets come from, and a type that cannot print them.
+//! - [`route`]: which route a request belongs to.
+//! - [`auth`]: the credential types, one module each, behind one trait.
+//! - [`proxy`]: the request path, top to bottom.
+//! - [`forward`]: the upstream client, hop-by-hop headers, upstream URIs.
+//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`error`]: credgate's own errors and their one JSON shape.
+//! - [`body`]: the body type handed to hyper.
+//! - [`telemetry`]: logging set-up.
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod proxy;
+pub mod route;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+
+/// Why credgate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("route \"{0}\": TLS set-up failed: {1}")]
+    Tls(String, rustls::Error),
+}

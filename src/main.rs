@@ -1,0 +1,128 @@
+//! The `credgate` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use credgate::config::{self, Matcher};
+use credgate::server::Server;
+use credgate::telemetry::{self, LogFormat};
+
+const EXAMPLES: &str = "\
+Examples:
+  credgate --config config/credgate.toml          run the proxy
+  credgate check --config config/credgate.toml    validate and print the route table
+  credgate demo                                   run against an embedded fake upstream
+  HTTP_PROXY=http://127.0.0.1:8080 curl http://api.oblien.com/workspace
+
+Secrets are never given on the command line: the config names an env var or a file.";
+
+#[derive(Parser)]
+#[command(name = "credgate", version, about, after_help = EXAMPLES)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, env = "CREDGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "pretty", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the route table (never secrets).
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        let Some(path) = cli.config else {
+            return Err(
+                "no config: pass --config PATH or set CREDGATE_CONFIG (or try `credgate demo`)"
+                    .to_string(),
+            );
+        };
+        match cli.command {
+            None => run(path).await,
+            Some(Command::Check) => check(path),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credgate: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(path: PathBuf) -> Result<(), String> {
+    let config = config::load(&path).map_err(|e| e.to_string())?;
+    let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+fn check(path: PathBuf) -> Result<(), String> {
+    let config = config::load(&path).map_err(|e| e.to_string())?;
+    println!("{}: ok, {} route(s)", path.display(), config.routes.len());
+    let listen: Vec<String> = config
+        .server
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    println!("listen: {}", listen.join(", "));
+    for r in &config.routes {
+        let matcher = match &r.matcher {
+            Matcher::Listener(a) => format!("listen {a}"),
+            Matcher::Shared { host, prefix } => [
+                host.as_ref().map(|h| format!("host {h}")),
+                prefix.as_ref().map(|p| format!("prefix {p}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" "),
+        };
+        let headers: Vec<&str> = r.auth.injects().iter().map(|h| h.as_str()).collect();
+        println!(
+            "  {:<20} {:<32} -> {:<40} auth={} {}",
+            r.name,
+            matcher,
+            r.upstream.to_string(),
+            r.auth_spec.kind(),
+            if headers.is_empty() {
+                String::new()
+            } else {
+                format!("sets [{}]", headers.join(", "))
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        let mut s = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        s.recv().await;
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
