@@ -13,6 +13,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
 use crate::auth::{self, AuthSpec, Authenticator};
+use crate::retry::{Pacer, RateLimitSpec, RetryPolicy, RetrySpec};
 
 /// A config problem, naming the file, the route (when there is one) and the key.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,10 @@ pub struct Route {
     pub timeouts: Timeouts,
     /// Extra trust roots for this upstream (PEM `ca_file`), on top of the system's.
     pub ca: Option<Vec<CertificateDer<'static>>>,
+    /// When and how requests are retried (429/503, connection failures, 401 refresh).
+    pub retry: RetryPolicy,
+    /// Client-side pacing, when `[route.rate_limit]` is set.
+    pub rate_limit: Option<Pacer>,
     /// The auth config as written, kept to tell whether a reload changed it.
     pub auth_spec: AuthSpec,
     pub auth: Arc<dyn Authenticator>,
@@ -73,6 +78,8 @@ impl fmt::Debug for Route {
             .field("matcher", &self.matcher)
             .field("upstream", &self.upstream.to_string())
             .field("timeouts", &self.timeouts)
+            .field("retry", &self.retry)
+            .field("rate_limit", &self.rate_limit)
             .field("auth", &self.auth_spec)
             .finish()
     }
@@ -229,6 +236,9 @@ struct RawRoute {
     #[serde(default, with = "humantime_serde")]
     idle_timeout: Option<Duration>,
     auth: AuthSpec,
+    #[serde(default)]
+    retry: RetrySpec,
+    rate_limit: Option<RateLimitSpec>,
 }
 
 // ---------------------------------------------------------------- checking
@@ -360,6 +370,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 .map_err(|m| rerr("request_timeout", m))?,
             idle: positive(r.idle_timeout, d.idle).map_err(|m| rerr("idle_timeout", m))?,
         };
+        let retry = r
+            .retry
+            .check()
+            .map_err(|(k, m)| rerr(&format!("retry.{k}"), m))?;
+        let rate_limit = r
+            .rate_limit
+            .map(|rl| rl.check())
+            .transpose()
+            .map_err(|(k, m)| rerr(&format!("rate_limit.{k}"), m))?;
         let auth =
             auth::build(&r.auth, name).map_err(|e| rerr(&format!("auth.{}", e.key), e.msg))?;
         routes.push(Route {
@@ -368,6 +387,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             upstream,
             timeouts,
             ca,
+            retry,
+            rate_limit,
             auth_spec: r.auth,
             auth,
         });

@@ -8,6 +8,8 @@
 //! - [`secret`]: where secrets come from, and a type that cannot print them.
 //! - [`route`]: which route a request belongs to.
 //! - [`auth`]: the credential types, one module each, behind one trait.
+//! - [`token`]: the lifecycle every fetched token shares: cache, refresh, single-flight, backoff.
+//! - [`retry`]: 429/Retry-After handling, the per-route cool-down gate and client-side pacing.
 //! - [`proxy`]: the request path, top to bottom.
 //! - [`forward`]: the upstream client, hop-by-hop headers, upstream URIs.
 //! - [`server`]: listeners, connections, graceful shutdown.
@@ -21,10 +23,12 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod proxy;
+pub mod retry;
 pub mod route;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod token;
 
 use std::net::SocketAddr;
 

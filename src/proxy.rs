@@ -1,16 +1,20 @@
-//! The request path, top to bottom: route -> auth -> rewrite -> forward -> respond.
+//! The request path, top to bottom: route -> pace -> body -> [cool-down -> auth -> forward ->
+//! retry?] -> respond.
 
 use std::time::{Duration, Instant};
 
-use http::{header, Request, Response, StatusCode, Version};
-use http_body_util::Either;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Either, Limited};
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::body::Body;
-use crate::config::{Config, Route};
+use crate::body::{self, Body};
+use crate::config::{Config, Route, Upstream};
 use crate::error::ProxyError;
 use crate::forward::{self, Clients};
+use crate::retry::{CoolDown, RateCounters};
 use crate::route::{RouteTable, Via};
 
 /// Everything the request path needs, built once from a checked [`Config`].
@@ -19,15 +23,19 @@ pub struct Proxy {
     table: RouteTable,
 }
 
-struct RouteState {
-    route: Route,
+/// A route and what credgate keeps for it while running.
+pub struct RouteState {
+    pub route: Route,
     clients: Clients,
+    pub cool_down: CoolDown,
+    pub counters: RateCounters,
 }
 
 /// The per-request record behind the one log line each request gets.
 struct Outcome<'a> {
     route: Option<&'a str>,
     upstream: Option<Duration>,
+    attempts: u32,
 }
 
 impl Proxy {
@@ -39,10 +47,27 @@ impl Proxy {
             .map(|route| {
                 let clients = Clients::new(&route.timeouts, route.ca.as_deref())
                     .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
-                Ok(RouteState { route, clients })
+                Ok(RouteState {
+                    route,
+                    clients,
+                    cool_down: CoolDown::default(),
+                    counters: RateCounters::default(),
+                })
             })
             .collect::<Result<_, crate::StartError>>()?;
         Ok(Self { routes, table })
+    }
+
+    /// Begins background work: fetching first tokens for routes that prefetch.
+    pub fn start(&self) {
+        for r in &self.routes {
+            r.route.auth.start();
+        }
+    }
+
+    /// The routes, for status and metrics.
+    pub fn routes(&self) -> &[RouteState] {
+        &self.routes
     }
 
     /// Handles one request from a caller; never fails (errors become JSON responses).
@@ -53,6 +78,7 @@ impl Proxy {
         let mut outcome = Outcome {
             route: None,
             upstream: None,
+            attempts: 0,
         };
         let res = match self.forward(via, req, &mut outcome).await {
             Ok(res) => res,
@@ -66,6 +92,7 @@ impl Proxy {
             method = %method,
             path = uri.path(),
             status = res.status().as_u16(),
+            attempts = outcome.attempts,
             upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1e3),
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "request"
@@ -82,73 +109,233 @@ impl Proxy {
         if req.method() == http::Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
-        // 1. Route.
-        let matched = self
-            .table
-            .find(via, req.version(), req.uri(), req.headers())?;
-        let RouteState { route, clients } = &self.routes[matched.route];
-        out.route = Some(&route.name);
-
-        // 2. Credentials (a cached token or static headers: no waiting on the hot path).
-        let mut rest = matched.rest;
-        let grant = route.auth.grant(&mut rest).await?;
-
-        // 3. Rewrite for the upstream.
-        let uri = forward::upstream_uri(
-            &route.upstream,
-            matched.add_base_path,
-            rest,
-            req.uri().query(),
-        )
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
         let upgrade = forward::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let headers = &mut parts.headers;
-        forward::strip_hop_by_hop(headers, upgrade);
-        for name in route.auth.injects() {
-            headers.remove(name);
-        }
-        if route.auth.strips_authorization() {
-            headers.remove(header::AUTHORIZATION);
-        }
-        headers.insert(header::HOST, route.upstream.host_header.clone());
-        for (name, value) in grant.headers.iter() {
-            headers.insert(name.clone(), value.clone());
-        }
-        parts.uri = uri;
-        parts.version = Version::HTTP_11;
+        let uri = std::mem::take(&mut parts.uri);
 
-        // 4. Forward.
-        let client = if upgrade {
-            &clients.http1
+        // 1. Route.
+        let matched = self.table.find(via, parts.version, &uri, &parts.headers)?;
+        let state = &self.routes[matched.route];
+        let route = &state.route;
+        out.route = Some(&route.name);
+
+        // 2. Pace: wait for this route's turn, so the upstream's limit is never hit.
+        if let Some(pacer) = &route.rate_limit {
+            pacer
+                .acquire(route.retry.max_wait)
+                .await
+                .inspect_err(|_| RateCounters::bump(&state.counters.local_throttles))?;
+        }
+
+        // 3. Keep small bodies so the request can be replayed; stream the rest once.
+        let mut body = if upgrade {
+            ReqBody::Once(Some(body))
         } else {
-            &clients.pooled
+            ReqBody::read(body, &parts.headers, route.retry.max_replay_body).await?
         };
-        let sent = Instant::now();
-        let res = tokio::time::timeout(
-            route.timeouts.request,
-            client.request(Request::from_parts(parts, Either::Left(body))),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?
-        .map_err(|e| upstream_error(&route.name, e))?;
-        out.upstream = Some(sent.elapsed());
+        prepare_headers(&mut parts, route, upgrade);
 
-        // 5. Respond.
-        let mut res = res;
-        let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-            tunnel(
-                route.name.to_string(),
-                client_upgrade,
-                hyper::upgrade::on(&mut res),
-            );
+        let mut attempt = 0;
+        let mut refreshed = false;
+        loop {
+            attempt += 1;
+            out.attempts = attempt;
+            // 4. Cool-down: when the upstream said "wait", every request waits for the same moment.
+            state
+                .cool_down
+                .pass(route.retry.max_wait)
+                .await
+                .inspect_err(|_| RateCounters::bump(&state.counters.local_throttles))?;
+
+            // 5. Credentials: a cached token or static headers; waits only when none is usable.
+            let mut path = matched.rest;
+            let grant = route.auth.grant(&mut path).await?;
+            let upstream: &Upstream = grant.upstream.as_deref().unwrap_or(&route.upstream);
+            let query = match &grant.query_token {
+                Some(t) => Some(with_token_param(uri.query(), t.expose())),
+                None => uri.query().map(str::to_owned),
+            };
+            let up_uri =
+                forward::upstream_uri(upstream, matched.add_base_path, path, query.as_deref())
+                    .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
+            let mut headers = if body.replayable() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            if grant.upstream.is_some() {
+                headers.insert(header::HOST, upstream.host_header.clone());
+            }
+            for (name, value) in grant.headers.iter() {
+                headers.insert(name.clone(), value.clone());
+            }
+            let mut up_req = Request::new(body.next());
+            *up_req.method_mut() = parts.method.clone();
+            *up_req.uri_mut() = up_uri;
+            *up_req.version_mut() = Version::HTTP_11;
+            *up_req.headers_mut() = headers;
+
+            // 6. Forward.
+            let client = if upgrade {
+                &state.clients.http1
+            } else {
+                &state.clients.pooled
+            };
+            let sent = Instant::now();
+            let result = tokio::time::timeout(route.timeouts.request, client.request(up_req))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
+            out.upstream = Some(sent.elapsed());
+            let res = match result {
+                Ok(res) => res,
+                Err(e) => {
+                    let err = upstream_error(&route.name, e);
+                    // Nothing reached the upstream: safe to try again with a kept body.
+                    let connect_failed = matches!(err, ProxyError::UpstreamUnreachable);
+                    if connect_failed && body.replayable() && attempt < route.retry.max_attempts {
+                        let wait = route.retry.wait_after(attempt, None);
+                        retry_pause(state, attempt, wait, "connection failed").await;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+
+            // 7. Retry? A 401 to a fetched token: refresh once and replay.
+            let status = res.status();
+            if status == StatusCode::UNAUTHORIZED
+                && !refreshed
+                && body.replayable()
+                && route.auth.rejected(&grant)
+            {
+                refreshed = true;
+                attempt -= 1;
+                continue;
+            }
+            // 429/503: the upstream did not process it; wait as told and replay if allowed.
+            if route.retry.statuses.contains(&status) {
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    RateCounters::bump(&state.counters.upstream_429);
+                }
+                let retry_after = res
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| crate::retry::parse_retry_after(v, std::time::SystemTime::now()));
+                let wait = route.retry.wait_after(attempt, retry_after);
+                if retry_after.is_some() {
+                    state.cool_down.close_until(Instant::now() + wait);
+                }
+                if attempt < route.retry.max_attempts
+                    && body.replayable()
+                    && wait <= route.retry.max_wait
+                {
+                    retry_pause(state, attempt, wait, status.as_str()).await;
+                    continue;
+                }
+            }
+
+            // 8. Respond.
+            return Ok(respond(res, client_upgrade, &route.name));
         }
-        let (mut parts, body) = res.into_parts();
-        forward::strip_hop_by_hop(&mut parts.headers, switching);
-        Ok(Response::from_parts(parts, Either::Left(body)))
     }
+}
+
+/// Removes what must not reach the upstream and sets what must.
+fn prepare_headers(parts: &mut Parts, route: &Route, upgrade: bool) {
+    let headers = &mut parts.headers;
+    forward::strip_hop_by_hop(headers, upgrade);
+    for name in route.auth.injects() {
+        headers.remove(name);
+    }
+    if route.auth.strips_authorization() {
+        headers.remove(header::AUTHORIZATION);
+    }
+    headers.insert(header::HOST, route.upstream.host_header.clone());
+}
+
+/// Passes the upstream's response on, tunnelling the connection if it switched protocols.
+fn respond(
+    mut res: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    route: &str,
+) -> Response<Body> {
+    let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+        tunnel(
+            route.to_owned(),
+            client_upgrade,
+            hyper::upgrade::on(&mut res),
+        );
+    }
+    let (mut parts, body) = res.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers, switching);
+    Response::from_parts(parts, Either::Left(body))
+}
+
+async fn retry_pause(state: &RouteState, attempt: u32, wait: Duration, why: &str) {
+    RateCounters::bump(&state.counters.retries);
+    tracing::info!(route = %state.route.name, attempt, wait_ms = wait.as_millis() as u64, why, "retrying");
+    // If the caller goes away meanwhile, hyper drops this future: no upstream request follows.
+    tokio::time::sleep(wait).await;
+}
+
+/// A request body: kept in memory (replayable), or streamed through once.
+enum ReqBody {
+    Kept(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl ReqBody {
+    /// Keeps bodies whose declared length is at most `max`; streams the rest.
+    async fn read(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Self, ProxyError> {
+        if body.is_end_stream() {
+            return Ok(Self::Kept(Bytes::new()));
+        }
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match declared {
+            Some(len) if len <= max => {
+                let bytes = Limited::new(body, max as usize)
+                    .collect()
+                    .await
+                    .map_err(|_| {
+                        ProxyError::BadRequest(
+                            "the request body ended early or was longer than declared",
+                        )
+                    })?
+                    .to_bytes();
+                Ok(Self::Kept(bytes))
+            }
+            _ => Ok(Self::Once(Some(body))),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Kept(_))
+    }
+
+    /// The body for the next attempt (a streamed body is only ever sent once).
+    fn next(&mut self) -> Body {
+        match self {
+            Self::Kept(b) => body::full(b.clone()),
+            Self::Once(b) => b.take().map_or_else(body::empty, Either::Left),
+        }
+    }
+}
+
+/// The query with any `token` parameter the caller sent replaced by credgate's.
+fn with_token_param(query: Option<&str>, token: &str) -> String {
+    let mut q: String = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some("token"))
+        .flat_map(|kv| [kv, "&"])
+        .collect();
+    q.push_str("token=");
+    q.extend(form_urlencoded::byte_serialize(token.as_bytes()));
+    q
 }
 
 /// Logs why the upstream failed (the error chain names no secret) and classifies it.
@@ -184,4 +371,22 @@ fn tunnel(route: String, client: hyper::upgrade::OnUpgrade, upstream: hyper::upg
             Err(e) => tracing::warn!(route, error = %e, "upgrade failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_param_replaces_the_callers() {
+        assert_eq!(with_token_param(None, "a.b"), "token=a.b");
+        assert_eq!(
+            with_token_param(Some("token=mine&x=1"), "t+/"),
+            "x=1&token=t%2B%2F"
+        );
+        assert_eq!(
+            with_token_param(Some("x_oblien_target=3000&tokenish=1"), "t"),
+            "x_oblien_target=3000&tokenish=1&token=t"
+        );
+    }
 }

@@ -93,6 +93,7 @@ impl Server {
             .header_read_timeout(self.header_read_timeout);
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = watch::channel(());
+        self.proxy.start();
         let mut accepting = tokio::task::JoinSet::new();
         for l in self.listeners {
             if let Ok(addr) = l.socket.local_addr() {

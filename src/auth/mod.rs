@@ -4,7 +4,14 @@
 //! `build` that checks it and resolves its secrets, and an [`Authenticator`] impl. The only
 //! other line to touch is its variant in [`AuthSpec`].
 
+mod oauth2;
+mod oblien;
 mod static_headers;
+mod tokens;
+
+pub use oauth2::{ClientAuth, OAuth2Spec};
+pub use oblien::{OblienSpec, OblienToken};
+pub use tokens::TokenAuth;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +21,10 @@ use std::task::{Context, Poll};
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use crate::config::Upstream;
 use crate::error::ProxyError;
+use crate::secret::{Secret, SecretSpec};
+use crate::token::Token;
 
 /// `[route.auth]` as written: `type = "..."` picks the variant.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -24,6 +34,11 @@ pub enum AuthSpec {
     Headers(static_headers::HeadersSpec),
     /// `Authorization: Bearer <token>` from a static key.
     Bearer(static_headers::BearerSpec),
+    /// Oblien workspace tokens, fetched from the control plane and kept fresh.
+    OblienGateway(oblien::OblienSpec),
+    /// OAuth2 client-credentials tokens, fetched and kept fresh.
+    #[serde(rename = "oauth2_client_credentials")]
+    OAuth2ClientCredentials(oauth2::OAuth2Spec),
     /// No credentials: the caller's own `Authorization` passes through.
     None,
 }
@@ -34,6 +49,8 @@ impl AuthSpec {
         match self {
             Self::Headers(_) => "headers",
             Self::Bearer(_) => "bearer",
+            Self::OblienGateway(_) => "oblien_gateway",
+            Self::OAuth2ClientCredentials(_) => "oauth2_client_credentials",
             Self::None => "none",
         }
     }
@@ -60,6 +77,8 @@ pub fn build(spec: &AuthSpec, route: &str) -> Result<Arc<dyn Authenticator>, Bui
     match spec {
         AuthSpec::Headers(s) => static_headers::build_headers(s, route),
         AuthSpec::Bearer(s) => static_headers::build_bearer(s, route),
+        AuthSpec::OblienGateway(s) => oblien::build(s, route),
+        AuthSpec::OAuth2ClientCredentials(s) => oauth2::build(s, route),
         AuthSpec::None => Ok(static_headers::none()),
     }
 }
@@ -82,12 +101,41 @@ pub trait Authenticator: Send + Sync + 'static {
     fn rejected(&self, _grant: &Grant) -> bool {
         false
     }
+
+    /// Begins background work (fetching a first token), once the runtime is up.
+    fn start(&self) {}
+
+    /// The state of each fetched token, for types that fetch tokens.
+    fn token_status(&self) -> Option<Vec<crate::token::KeyStatus>> {
+        None
+    }
 }
 
-/// Credentials for one request: headers to set (values marked sensitive).
+/// Credentials for one request.
 #[derive(Clone, Default)]
 pub struct Grant {
+    /// Headers to set (values marked sensitive).
     pub headers: Arc<[(HeaderName, HeaderValue)]>,
+    /// Set the `token` query parameter to this (WebSocket endpoints that take it there).
+    pub query_token: Option<Secret>,
+    /// Send to this upstream instead of the route's (a token that names its own endpoint).
+    pub upstream: Option<Arc<Upstream>>,
+    /// The fetched token behind the grant, so a 401 can be traced back to it.
+    pub token: Option<Arc<Token>>,
+}
+
+/// Resolves a secret into a sensitive header value, warning about literals.
+fn resolve_header(secret: &SecretSpec, key: &str, route: &str) -> Result<HeaderValue, BuildError> {
+    let value = secret.resolve().map_err(|e| BuildError::new(key, e))?;
+    warn_if_literal(secret, key, route);
+    value.header_value().map_err(|e| BuildError::new(key, e))
+}
+
+/// Literal secrets are for development; say so once at load.
+fn warn_if_literal(secret: &SecretSpec, key: &str, route: &str) {
+    if secret.is_literal() {
+        tracing::warn!(route, key = %format!("auth.{key}"), "secret is written in the config file; use {{ env = \"..\" }} or {{ file = \"..\" }} outside development");
+    }
 }
 
 /// The result of [`Authenticator::grant`]: ready at once on the hot path (static headers, a

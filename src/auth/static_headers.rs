@@ -52,6 +52,7 @@ fn from_pairs(
         names: pairs.iter().map(|(n, _)| n.clone()).collect(),
         grant: Grant {
             headers: pairs.into(),
+            ..Grant::default()
         },
         strips_authorization,
     })
@@ -75,7 +76,7 @@ pub(super) fn build_headers(
                 "this header cannot carry credentials",
             ));
         }
-        let value = resolve(secret, &key, route)?;
+        let value = super::resolve_header(secret, &key, route)?;
         pairs.push((hname, value));
     }
     Ok(from_pairs(pairs, true))
@@ -89,7 +90,7 @@ pub(super) fn build_bearer(
         .token
         .resolve()
         .map_err(|e| BuildError::new("token", e))?;
-    warn_if_literal(&spec.token, "token", route);
+    super::warn_if_literal(&spec.token, "token", route);
     let value = sensitive_header(&format!("Bearer {}", token.expose()))
         .map_err(|e| BuildError::new("token", e))?;
     Ok(from_pairs(vec![(header::AUTHORIZATION, value)], true))
@@ -97,17 +98,4 @@ pub(super) fn build_bearer(
 
 pub(super) fn none() -> Arc<dyn Authenticator> {
     from_pairs(Vec::new(), false)
-}
-
-fn resolve(secret: &SecretSpec, key: &str, route: &str) -> Result<HeaderValue, BuildError> {
-    let value = secret.resolve().map_err(|e| BuildError::new(key, e))?;
-    warn_if_literal(secret, key, route);
-    value.header_value().map_err(|e| BuildError::new(key, e))
-}
-
-/// Literal secrets are for development; say so once at load.
-pub(crate) fn warn_if_literal(secret: &SecretSpec, key: &str, route: &str) {
-    if secret.is_literal() {
-        tracing::warn!(route, key = %format!("auth.{key}"), "secret is written in the config file; use {{ env = \"..\" }} or {{ file = \"..\" }} outside development");
-    }
 }

@@ -1,0 +1,319 @@
+//! Rate limits: `Retry-After`, when a retry is safe, the per-route cool-down gate, and pacing.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::{HeaderValue, StatusCode};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use crate::error::ProxyError;
+
+/// `[route.retry]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    pub max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_wait: Option<Duration>,
+    pub statuses: Option<Vec<u16>>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_base: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub backoff_cap: Option<Duration>,
+    pub max_replay_body: Option<u64>,
+}
+
+/// When and how a route retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Total tries, the first included.
+    pub max_attempts: u32,
+    /// The longest credgate holds a request for one wait; beyond it the answer passes through.
+    pub max_wait: Duration,
+    pub statuses: Vec<StatusCode>,
+    /// Without `Retry-After`: full-jitter exponential backoff from `backoff_base` up to `backoff_cap`.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Request bodies up to this size are kept so they can be replayed (retry, 401 refresh).
+    pub max_replay_body: u64,
+}
+
+impl RetrySpec {
+    /// Checks the spec; `Err` holds (key, message).
+    pub fn check(&self) -> Result<RetryPolicy, (&'static str, String)> {
+        let max_attempts = self.max_attempts.unwrap_or(3);
+        if max_attempts == 0 {
+            return Err(("max_attempts", "must be at least 1 (the first try)".into()));
+        }
+        let statuses = self
+            .statuses
+            .clone()
+            .unwrap_or_else(|| vec![429, 503])
+            .into_iter()
+            .map(|s| {
+                StatusCode::from_u16(s)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .ok_or(s)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|s| ("statuses", format!("{s} is not a 4xx or 5xx status")))?;
+        let backoff_base = self.backoff_base.unwrap_or(Duration::from_millis(250));
+        let backoff_cap = self.backoff_cap.unwrap_or(Duration::from_secs(8));
+        if backoff_base.is_zero() || backoff_cap < backoff_base {
+            return Err((
+                "backoff_cap",
+                "backoff_base must be positive and not above backoff_cap".into(),
+            ));
+        }
+        Ok(RetryPolicy {
+            max_attempts,
+            max_wait: self.max_wait.unwrap_or(Duration::from_secs(30)),
+            statuses,
+            backoff_base,
+            backoff_cap,
+            max_replay_body: self.max_replay_body.unwrap_or(1 << 20),
+        })
+    }
+}
+
+impl RetryPolicy {
+    /// How long to wait before try number `attempt + 1`: the upstream's `Retry-After`, or
+    /// full-jitter backoff when it sent none.
+    pub fn wait_after(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        retry_after.unwrap_or_else(|| {
+            let exp = self
+                .backoff_base
+                .saturating_mul(1 << attempt.saturating_sub(1).min(16));
+            exp.min(self.backoff_cap).mul_f64(rand::random::<f64>())
+        })
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP-date (a date in the past means now).
+pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = value.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(u32::MAX as u64)));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Counters of what the rate-limit machinery did, per route (exposed by the admin endpoint).
+#[derive(Debug, Default)]
+pub struct RateCounters {
+    pub retries: AtomicU64,
+    pub upstream_429: AtomicU64,
+    pub local_throttles: AtomicU64,
+}
+
+impl RateCounters {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A route's cool-down: once an upstream says "wait N seconds", every request to the route
+/// waits for that same moment instead of each one learning the limit by hitting it.
+#[derive(Debug, Default)]
+pub struct CoolDown {
+    until: Mutex<Option<Instant>>,
+}
+
+impl CoolDown {
+    /// Closes the gate until `at` (a later moment wins).
+    pub fn close_until(&self, at: Instant) {
+        let mut until = self.until.lock().expect("cool-down lock");
+        if until.is_none_or(|u| u < at) {
+            *until = Some(at);
+        }
+    }
+
+    /// How long the gate stays closed from now, if it is.
+    pub fn remaining(&self) -> Option<Duration> {
+        let until = *self.until.lock().expect("cool-down lock");
+        until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Waits for the gate to open, or fails at once when that is further away than `max_wait`.
+    pub async fn pass(&self, max_wait: Duration) -> Result<(), ProxyError> {
+        while let Some(wait) = self.remaining() {
+            if wait > max_wait {
+                return Err(ProxyError::Throttled {
+                    reason: "the upstream asked credgate to wait",
+                    retry_after: wait,
+                });
+            }
+            tokio::time::sleep(wait).await;
+        }
+        Ok(())
+    }
+}
+
+/// `[route.rate_limit]` as written: `requests` per `per`, optional `burst` and `queue`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+    /// Requests that may go at once before pacing starts (default 1: evenly spaced, so no
+    /// window of length `per` ever holds more than `requests`).
+    pub burst: Option<u32>,
+    /// How many requests may wait for their turn (default 1000); more get 429 at once.
+    pub queue: Option<usize>,
+}
+
+/// Client-side pacing: requests over the rate wait their turn (bounded queue, bounded wait).
+pub struct Pacer {
+    limiter: DefaultDirectRateLimiter,
+    queue: Semaphore,
+    interval: Duration,
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitSpec {
+    pub fn check(&self) -> Result<Pacer, (&'static str, String)> {
+        let requests =
+            NonZeroU32::new(self.requests).ok_or(("requests", "must be at least 1".to_string()))?;
+        if self.per.is_zero() {
+            return Err(("per", "must be greater than zero".into()));
+        }
+        let burst = NonZeroU32::new(self.burst.unwrap_or(1))
+            .ok_or(("burst", "must be at least 1".to_string()))?;
+        let interval = self.per / requests.get();
+        let quota = Quota::with_period(interval)
+            .ok_or(("per", "too short for that many requests".to_string()))?
+            .allow_burst(burst);
+        let queue = self.queue.unwrap_or(1000);
+        if queue == 0 {
+            return Err(("queue", "must be at least 1".into()));
+        }
+        Ok(Pacer {
+            limiter: RateLimiter::direct(quota),
+            queue: Semaphore::new(queue),
+            interval,
+        })
+    }
+}
+
+impl Pacer {
+    /// Waits for this request's turn. Fails at once with credgate's own 429 when the queue
+    /// is full or the wait would exceed `max_wait`.
+    pub async fn acquire(&self, max_wait: Duration) -> Result<(), ProxyError> {
+        let full = || ProxyError::Throttled {
+            reason: "too many requests are waiting for this route",
+            retry_after: self.interval,
+        };
+        let _place = self.queue.try_acquire().map_err(|_| full())?;
+        let deadline = Instant::now() + max_wait;
+        loop {
+            match self.limiter.check() {
+                Ok(()) => return Ok(()),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
+                    if Instant::now() + wait > deadline {
+                        return Err(ProxyError::Throttled {
+                            reason: "the route's pace would hold this request too long",
+                            retry_after: wait,
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_both_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("7"), now),
+            Some(Duration::from_secs(7))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(5));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_str(&later).unwrap(), now),
+            Some(Duration::from_secs(5))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_str(&past).unwrap(), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("soon"), now),
+            None
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("-1"), now),
+            None
+        );
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let p = RetrySpec::default().check().unwrap();
+        for attempt in 1..20 {
+            let w = p.wait_after(attempt, None);
+            assert!(w <= Duration::from_secs(8), "{w:?}");
+        }
+        assert!(p.wait_after(1, None) <= Duration::from_millis(250));
+        assert_eq!(
+            p.wait_after(1, Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_their_key() {
+        let bad = RetrySpec {
+            max_attempts: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "max_attempts");
+        let bad = RetrySpec {
+            statuses: Some(vec![200]),
+            ..Default::default()
+        };
+        assert_eq!(bad.check().unwrap_err().0, "statuses");
+        let bad = RateLimitSpec {
+            requests: 0,
+            per: Duration::from_secs(1),
+            burst: None,
+            queue: None,
+        };
+        assert_eq!(bad.check().unwrap_err().0, "requests");
+    }
+
+    #[tokio::test]
+    async fn cool_down_fails_fast_past_max_wait() {
+        let gate = CoolDown::default();
+        gate.close_until(Instant::now() + Duration::from_secs(60));
+        let started = Instant::now();
+        let err = gate.pass(Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(err, ProxyError::Throttled { .. }));
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+}
