@@ -16,11 +16,15 @@
 //! - [`error`]: credgate's own errors and their one JSON shape.
 //! - [`body`]: the body type handed to hyper.
 //! - [`telemetry`]: logging set-up.
+//! - [`demo`]: `credgate demo`, credgate in front of the fake on loopback.
+//! - [`fake`]: a fake Oblien control plane, gateway and OAuth2 server, for the demo and tests.
 
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod fake;
 pub mod forward;
 pub mod proxy;
 pub mod retry;

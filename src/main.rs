@@ -34,25 +34,30 @@ struct Cli {
 enum Command {
     /// Validate the config and print the route table (never secrets).
     Check,
+    /// Run credgate in front of an embedded fake Oblien API on loopback (no account needed).
+    Demo,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Demo)) {
+        // Before any thread exists: the demo config reads its secrets from the environment.
+        credgate::demo::set_demo_env();
+    }
     telemetry::init(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(async move {
-        let Some(path) = cli.config else {
-            return Err(
+        match (cli.command, cli.config) {
+            (Some(Command::Demo), _) => credgate::demo::run(shutdown_signal()).await,
+            (_, None) => Err(
                 "no config: pass --config PATH or set CREDGATE_CONFIG (or try `credgate demo`)"
-                    .to_string(),
-            );
-        };
-        match cli.command {
-            None => run(path).await,
-            Some(Command::Check) => check(path),
+                    .into(),
+            ),
+            (None, Some(path)) => run(path).await,
+            (Some(Command::Check), Some(path)) => check(path),
         }
     });
     match result {
