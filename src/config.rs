@@ -12,12 +12,18 @@ use http::{HeaderValue, Uri};
 use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 
+use std::hash::{Hash, Hasher};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use http::HeaderName;
+
 use crate::auth::{self, AuthSpec, Authenticator};
 use crate::retry::{Pacer, RateLimitSpec, RetryPolicy, RetrySpec};
+use crate::secret::{Secret, SecretSpec};
 
 /// A config problem, naming the file, the route (when there is one) and the key.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {}{key}: {msg}", file.display(), route.as_ref().map(|r| format!("route \"{r}\": ")).unwrap_or_default())]
+#[error("{}: {}{}{msg}", file.display(), route.as_ref().map(|r| format!("route \"{r}\": ")).unwrap_or_default(), if key.is_empty() { String::new() } else { format!("{key}: ") })]
 pub struct ConfigError {
     pub file: PathBuf,
     pub route: Option<String>,
@@ -29,6 +35,8 @@ pub struct ConfigError {
 pub struct Config {
     /// The file it was read from.
     pub source: PathBuf,
+    /// Files whose change means a reload: the config itself, secret files, CA files.
+    pub files: Vec<PathBuf>,
     pub server: Server,
     pub routes: Vec<Route>,
 }
@@ -47,11 +55,76 @@ impl fmt::Debug for Config {
 #[derive(Debug, Clone)]
 pub struct Server {
     /// Shared listeners: requests are routed by Host, prefix or absolute URI.
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
+    /// Permission bits of Unix socket listeners (default 0600: only credgate's user).
+    pub socket_mode: u32,
+    /// The admin listener (health, readiness, metrics, status), if any.
+    pub admin: Option<SocketAddr>,
+    /// Callers must present this token (Proxy-Authorization or `local_token_header`).
+    pub local_token: Option<Secret>,
+    /// A header that may carry the local token instead of Proxy-Authorization.
+    pub local_token_header: Option<HeaderName>,
     /// How long in-flight requests may run on after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+}
+
+/// Where a listener listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `unix:/path/to.sock`
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => a.fmt(f),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Per-route least privilege: which methods and upstream paths a route forwards.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// When set, only these methods are forwarded.
+    pub allow_methods: Option<Vec<http::Method>>,
+    /// When set, only upstream paths matching one of these globs are forwarded.
+    pub allow_paths: Option<GlobSet>,
+    /// Upstream paths matching any of these globs are refused.
+    pub deny_paths: Option<GlobSet>,
+}
+
+impl Policy {
+    /// Why a request with this method is refused, if it is.
+    pub fn refuses_method(&self, method: &http::Method) -> Option<&'static str> {
+        self.allow_methods
+            .as_ref()
+            .is_some_and(|m| !m.contains(method))
+            .then_some("this route does not allow that method")
+    }
+
+    /// Why a request for this upstream path is refused, if it is.
+    pub fn refuses_path(&self, upstream_path: &str) -> Option<&'static str> {
+        if self
+            .deny_paths
+            .as_ref()
+            .is_some_and(|g| g.is_match(upstream_path))
+        {
+            return Some("this route denies that path");
+        }
+        if self
+            .allow_paths
+            .as_ref()
+            .is_some_and(|g| !g.is_match(upstream_path))
+        {
+            return Some("this route does not allow that path");
+        }
+        None
+    }
 }
 
 /// One `[[route]]`.
@@ -66,8 +139,13 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Client-side pacing, when `[route.rate_limit]` is set.
     pub rate_limit: Option<Pacer>,
+    /// Which methods and paths the route forwards.
+    pub policy: Policy,
     /// The auth config as written, kept to tell whether a reload changed it.
     pub auth_spec: AuthSpec,
+    /// A digest of the resolved secret values (never printed): a reload keeps a route's
+    /// authenticator, and its cached tokens, only when spec and values are unchanged.
+    pub auth_digest: u64,
     pub auth: Arc<dyn Authenticator>,
 }
 
@@ -95,6 +173,24 @@ pub enum Matcher {
     },
     /// Everything on its own listener; the whole path goes upstream.
     Listener(SocketAddr),
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listener(a) => write!(f, "listen {a}"),
+            Self::Shared { host, prefix } => {
+                let parts: Vec<String> = [
+                    host.as_ref().map(|h| format!("host {h}")),
+                    prefix.as_ref().map(|p| format!("prefix {p}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                f.write_str(&parts.join(" "))
+            }
+        }
+    }
 }
 
 /// Where a route forwards to.
@@ -205,6 +301,12 @@ struct RawServer {
     /// One address or a list.
     #[serde(default)]
     listen: OneOrMany,
+    socket_mode: Option<String>,
+    admin: Option<String>,
+    local_token: Option<SecretSpec>,
+    local_token_header: Option<String>,
+    #[serde(default)]
+    allow_remote: bool,
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -239,6 +341,9 @@ struct RawRoute {
     #[serde(default)]
     retry: RetrySpec,
     rate_limit: Option<RateLimitSpec>,
+    allow_methods: Option<Vec<String>>,
+    allow_paths: Option<Vec<String>>,
+    deny_paths: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------- checking
@@ -278,12 +383,68 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         OneOrMany::One(s) => vec![s],
         OneOrMany::Many(v) => v,
     };
+    let mut files = vec![path.to_owned()];
     let mut shared = Vec::new();
     for l in &listen {
-        shared.push(parse_addr(l).map_err(|m| err(None, "server.listen", m))?);
+        shared.push(parse_listen(l).map_err(|m| err(None, "server.listen", m))?);
+    }
+    let socket_mode = match raw.server.socket_mode.as_deref() {
+        None => 0o600,
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                err(
+                    None,
+                    "server.socket_mode",
+                    format!("\"{m}\" is not an octal mode like \"0660\""),
+                )
+            })?,
+    };
+    let admin = raw
+        .server
+        .admin
+        .as_deref()
+        .map(parse_addr)
+        .transpose()
+        .map_err(|m| err(None, "server.admin", m))?;
+    let local_token = match &raw.server.local_token {
+        None => None,
+        Some(spec) => {
+            files.extend(spec.file().map(Path::to_owned));
+            Some(
+                spec.resolve()
+                    .map_err(|e| err(None, "server.local_token", e.to_string()))?,
+            )
+        }
+    };
+    let local_token_header = raw
+        .server
+        .local_token_header
+        .as_deref()
+        .map(|h| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                err(
+                    None,
+                    "server.local_token_header",
+                    format!("\"{h}\" is not a header name"),
+                )
+            })
+        })
+        .transpose()?;
+    if local_token_header.is_some() && local_token.is_none() {
+        return Err(err(
+            None,
+            "server.local_token_header",
+            "set local_token too".into(),
+        ));
     }
     let server = Server {
         listen: shared,
+        socket_mode,
+        admin,
+        local_token,
+        local_token_header,
         shutdown_grace: raw.server.shutdown_grace.unwrap_or(Duration::from_secs(30)),
         header_read_timeout: raw
             .server
@@ -297,7 +458,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let base_dir = path.parent().unwrap_or(Path::new("."));
     let mut names = HashSet::new();
     let mut matchers = Vec::new();
-    let mut addrs: HashSet<SocketAddr> = server.listen.iter().copied().collect();
+    let mut addrs: HashSet<SocketAddr> = server
+        .listen
+        .iter()
+        .filter_map(|l| match l {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        })
+        .chain(server.admin)
+        .collect();
     let mut routes = Vec::with_capacity(raw.routes.len());
     for r in raw.routes {
         let name = r.name.as_str();
@@ -359,7 +528,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             None => None,
             Some(f) => {
                 let f = if f.is_relative() { base_dir.join(f) } else { f };
-                Some(read_ca(&f).map_err(|m| rerr("ca_file", m))?)
+                let ca = read_ca(&f).map_err(|m| rerr("ca_file", m))?;
+                files.push(f);
+                Some(ca)
             }
         };
         let d = Timeouts::default();
@@ -379,6 +550,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             .map(|rl| rl.check())
             .transpose()
             .map_err(|(k, m)| rerr(&format!("rate_limit.{k}"), m))?;
+        let policy = check_policy(r.allow_methods, r.allow_paths, r.deny_paths)
+            .map_err(|(k, m)| rerr(k, m))?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for secret in r.auth.secrets() {
+            files.extend(secret.file().map(Path::to_owned));
+            // Resolved again by `auth::build` below, which reports any failure.
+            if let Ok(v) = secret.resolve() {
+                v.expose().hash(&mut hasher);
+            }
+        }
         let auth =
             auth::build(&r.auth, name).map_err(|e| rerr(&format!("auth.{}", e.key), e.msg))?;
         routes.push(Route {
@@ -389,12 +570,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ca,
             retry,
             rate_limit,
+            policy,
             auth_spec: r.auth,
+            auth_digest: hasher.finish(),
             auth,
         });
     }
+    check_exposure(&server, &routes, raw.server.allow_remote).map_err(|(k, m)| err(None, k, m))?;
+    files.sort();
+    files.dedup();
     Ok(Config {
         source: path.to_owned(),
+        files,
         server,
         routes,
     })
@@ -407,6 +594,89 @@ fn line_of(text: &str, offset: usize) -> usize {
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("\"{s}\" is not an IP:port address (e.g. \"127.0.0.1:8080\")"))
+}
+
+/// `127.0.0.1:8080` or `unix:/path/to.sock`.
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    match s.strip_prefix("unix:") {
+        Some(p) if p.starts_with('/') => Ok(ListenAddr::Unix(PathBuf::from(p))),
+        Some(_) => Err(format!(
+            "\"{s}\": a Unix socket path must be absolute (unix:/run/credgate/credgate.sock)"
+        )),
+        None => parse_addr(s).map(ListenAddr::Tcp),
+    }
+}
+
+/// Credgate spends powerful keys for whoever reaches it: a listener beyond loopback needs a
+/// local token (or an explicit `allow_remote = true`).
+fn check_exposure(
+    server: &Server,
+    routes: &[Route],
+    allow_remote: bool,
+) -> Result<(), (&'static str, String)> {
+    if server.local_token.is_some() || allow_remote {
+        return Ok(());
+    }
+    let tcp = server.listen.iter().filter_map(|l| match l {
+        ListenAddr::Tcp(a) => Some(*a),
+        ListenAddr::Unix(_) => None,
+    });
+    let dedicated = routes.iter().filter_map(|r| match r.matcher {
+        Matcher::Listener(a) => Some(a),
+        Matcher::Shared { .. } => None,
+    });
+    match tcp.chain(dedicated).find(|a| !a.ip().is_loopback()) {
+        Some(a) => Err((
+            "server.listen",
+            format!("{a} is not a loopback address: anyone who reaches it could spend these credentials; set [server] local_token (callers must then present it) or allow_remote = true"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_policy(
+    methods: Option<Vec<String>>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+) -> Result<Policy, (&'static str, String)> {
+    let allow_methods = methods
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| ("allow_methods", format!("\"{m}\" is not an HTTP method")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let globs = |key: &'static str, pats: Option<Vec<String>>| {
+        pats.map(|pats| {
+            let mut b = GlobSetBuilder::new();
+            for p in &pats {
+                if !p.starts_with('/') {
+                    return Err((
+                        key,
+                        format!(
+                            "\"{p}\" must start with '/' (it is matched against the upstream path)"
+                        ),
+                    ));
+                }
+                b.add(
+                    GlobBuilder::new(p)
+                        .literal_separator(true)
+                        .build()
+                        .map_err(|e| (key, format!("\"{p}\": {e}")))?,
+                );
+            }
+            b.build().map_err(|e| (key, e.to_string()))
+        })
+        .transpose()
+    };
+    Ok(Policy {
+        allow_methods,
+        allow_paths: globs("allow_paths", allow)?,
+        deny_paths: globs("deny_paths", deny)?,
+    })
 }
 
 fn positive(v: Option<Duration>, default: Duration) -> Result<Duration, String> {

@@ -30,6 +30,10 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("credentials are unavailable: {0}")]
     CredentialsUnavailable(String),
+    #[error("credgate needs its local token: send Proxy-Authorization: Bearer <token> (or Basic with the token as password)")]
+    LocalTokenRequired { forward_proxy: bool },
+    #[error("refused by this route's policy: {0}")]
+    ForbiddenByPolicy(&'static str),
     #[error("workspace {0} is not in this route's allow-list")]
     ForbiddenWorkspace(String),
     #[error("rate limit: {reason}; retry after {}s", retry_after.as_secs())]
@@ -55,6 +59,16 @@ impl ProxyError {
                 (StatusCode::SERVICE_UNAVAILABLE, "credentials_unavailable")
             }
             ForbiddenWorkspace(_) => (StatusCode::FORBIDDEN, "forbidden_workspace"),
+            LocalTokenRequired {
+                forward_proxy: true,
+            } => (
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "local_token_required",
+            ),
+            LocalTokenRequired {
+                forward_proxy: false,
+            } => (StatusCode::UNAUTHORIZED, "local_token_required"),
+            ForbiddenByPolicy(_) => (StatusCode::FORBIDDEN, "forbidden_by_policy"),
             Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         }
     }
@@ -94,6 +108,22 @@ impl ProxyError {
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
             }
+            ProxyError::LocalTokenRequired {
+                forward_proxy: true,
+            } => {
+                h.insert(
+                    header::PROXY_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"credgate\""),
+                );
+            }
+            ProxyError::LocalTokenRequired {
+                forward_proxy: false,
+            } => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"credgate\""),
+                );
+            }
             _ => {}
         }
         res
@@ -113,6 +143,25 @@ mod tests {
             (ProxyError::BadRequest("x"), 400, "bad_request"),
             (ProxyError::UpstreamUnreachable, 502, "upstream_unreachable"),
             (ProxyError::UpstreamFailed, 502, "upstream_error"),
+            (
+                ProxyError::LocalTokenRequired {
+                    forward_proxy: true,
+                },
+                407,
+                "local_token_required",
+            ),
+            (
+                ProxyError::LocalTokenRequired {
+                    forward_proxy: false,
+                },
+                401,
+                "local_token_required",
+            ),
+            (
+                ProxyError::ForbiddenByPolicy("x"),
+                403,
+                "forbidden_by_policy",
+            ),
             (
                 ProxyError::UpstreamTimeout(Duration::from_secs(1)),
                 504,

@@ -12,13 +12,16 @@
 //! - [`retry`]: 429/Retry-After handling, the per-route cool-down gate and client-side pacing.
 //! - [`proxy`]: the request path, top to bottom.
 //! - [`forward`]: the upstream client, hop-by-hop headers, upstream URIs.
-//! - [`server`]: listeners, connections, graceful shutdown.
+//! - [`server`]: listeners, connections, reload on SIGHUP or file change, graceful shutdown.
+//! - [`admin`]: the admin listener: health, readiness, metrics, status.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: credgate's own errors and their one JSON shape.
 //! - [`body`]: the body type handed to hyper.
 //! - [`telemetry`]: logging set-up.
 //! - [`demo`]: `credgate demo`, credgate in front of the fake on loopback.
 //! - [`fake`]: a fake Oblien control plane, gateway and OAuth2 server, for the demo and tests.
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -26,6 +29,7 @@ pub mod demo;
 pub mod error;
 pub mod fake;
 pub mod forward;
+pub mod metrics;
 pub mod proxy;
 pub mod retry;
 pub mod route;
@@ -34,15 +38,13 @@ pub mod server;
 pub mod telemetry;
 pub mod token;
 
-use std::net::SocketAddr;
-
 /// Why credgate could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error("cannot listen on {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
+    Bind(String, std::io::Error),
     #[error("route \"{0}\": TLS set-up failed: {1}")]
     Tls(String, rustls::Error),
 }

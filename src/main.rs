@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use credgate::config::{self, Matcher};
+use credgate::config;
 use credgate::server::Server;
 use credgate::telemetry::{self, LogFormat};
 
@@ -36,10 +36,17 @@ enum Command {
     Check,
     /// Run credgate in front of an embedded fake Oblien API on loopback (no account needed).
     Demo,
+    /// Exit 0 if the admin listener reports ready (`/readyz`), 1 otherwise (for HEALTHCHECK).
+    Health {
+        /// The admin address; defaults to `[server] admin` from the config.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let is_health = matches!(cli.command, Some(Command::Health { .. }));
     if matches!(cli.command, Some(Command::Demo)) {
         // Before any thread exists: the demo config reads its secrets from the environment.
         credgate::demo::set_demo_env();
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match (cli.command, cli.config) {
             (Some(Command::Demo), _) => credgate::demo::run(shutdown_signal()).await,
+            (Some(Command::Health { admin }), config) => health(admin, config).await,
             (_, None) => Err(
                 "no config: pass --config PATH or set CREDGATE_CONFIG (or try `credgate demo`)"
                     .into(),
@@ -64,7 +72,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("credgate: error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(if is_health { 1 } else { 2 })
         }
     }
 }
@@ -87,22 +95,11 @@ fn check(path: PathBuf) -> Result<(), String> {
         .collect();
     println!("listen: {}", listen.join(", "));
     for r in &config.routes {
-        let matcher = match &r.matcher {
-            Matcher::Listener(a) => format!("listen {a}"),
-            Matcher::Shared { host, prefix } => [
-                host.as_ref().map(|h| format!("host {h}")),
-                prefix.as_ref().map(|p| format!("prefix {p}")),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" "),
-        };
         let headers: Vec<&str> = r.auth.injects().iter().map(|h| h.as_str()).collect();
         println!(
             "  {:<20} {:<32} -> {:<40} auth={} {}",
             r.name,
-            matcher,
+            r.matcher.to_string(),
             r.upstream.to_string(),
             r.auth_spec.kind(),
             if headers.is_empty() {
@@ -113,6 +110,31 @@ fn check(path: PathBuf) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Asks the admin listener's `/readyz`; the exit code says whether credgate is ready.
+async fn health(
+    admin: Option<std::net::SocketAddr>,
+    config: Option<PathBuf>,
+) -> Result<(), String> {
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => config::load(&path)
+            .map_err(|e| e.to_string())?
+            .server
+            .admin
+            .ok_or("the config has no [server] admin address; pass --admin ADDR")?,
+        (None, None) => return Err("pass --admin ADDR or --config PATH".into()),
+    };
+    let (status, body) = credgate::admin::probe(addr, "/readyz")
+        .await
+        .map_err(|e| format!("admin listener {addr}: {e}"))?;
+    print!("{body}");
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(format!("not ready (HTTP {status})"))
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

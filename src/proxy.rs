@@ -1,5 +1,5 @@
-//! The request path, top to bottom: route -> pace -> body -> [cool-down -> auth -> forward ->
-//! retry?] -> respond.
+//! The request path, top to bottom: local token -> route -> policy -> pace -> body ->
+//! [cool-down -> auth -> forward -> retry?] -> respond -> log and count.
 
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,24 @@ use crate::body::{self, Body};
 use crate::config::{Config, Route, Upstream};
 use crate::error::ProxyError;
 use crate::forward::{self, Clients};
-use crate::retry::{CoolDown, RateCounters};
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::retry::CoolDown;
 use crate::route::{RouteTable, Via};
+use crate::secret::Secret;
 
 /// Everything the request path needs, built once from a checked [`Config`].
 pub struct Proxy {
     routes: Vec<RouteState>,
     table: RouteTable,
+    local_token: Option<LocalToken>,
+    /// Counts requests that matched no route.
+    unrouted: RouteMetrics,
+}
+
+/// The token callers must present, and the extra header it may come in.
+struct LocalToken {
+    token: Secret,
+    header: Option<http::HeaderName>,
 }
 
 /// A route and what credgate keeps for it while running.
@@ -28,34 +39,57 @@ pub struct RouteState {
     pub route: Route,
     clients: Clients,
     pub cool_down: CoolDown,
-    pub counters: RateCounters,
+    pub metrics: RouteMetrics,
 }
 
 /// The per-request record behind the one log line each request gets.
 struct Outcome<'a> {
-    route: Option<&'a str>,
+    route: Option<&'a RouteState>,
     upstream: Option<Duration>,
     attempts: u32,
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Result<Self, crate::StartError> {
+    /// Builds the request path for `config`. With `previous` (a reload), routes whose auth
+    /// is unchanged keep their authenticator, and so their cached tokens.
+    pub fn new(
+        config: Config,
+        metrics: &Metrics,
+        previous: Option<&Proxy>,
+    ) -> Result<Self, crate::StartError> {
         let table = RouteTable::new(&config.routes);
+        let local_token = config.server.local_token.map(|token| LocalToken {
+            token,
+            header: config.server.local_token_header,
+        });
         let routes = config
             .routes
             .into_iter()
-            .map(|route| {
+            .map(|mut route| {
+                let same = previous.into_iter().flat_map(|p| &p.routes).find(|old| {
+                    old.route.name == route.name
+                        && old.route.auth_spec == route.auth_spec
+                        && old.route.auth_digest == route.auth_digest
+                });
+                if let Some(old) = same {
+                    route.auth = old.route.auth.clone();
+                }
                 let clients = Clients::new(&route.timeouts, route.ca.as_deref())
                     .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
                 Ok(RouteState {
-                    route,
                     clients,
                     cool_down: CoolDown::default(),
-                    counters: RateCounters::default(),
+                    metrics: metrics.route(&route.name),
+                    route,
                 })
             })
             .collect::<Result<_, crate::StartError>>()?;
-        Ok(Self { routes, table })
+        Ok(Self {
+            routes,
+            table,
+            local_token,
+            unrouted: metrics.route("-"),
+        })
     }
 
     /// Begins background work: fetching first tokens for routes that prefetch.
@@ -83,12 +117,17 @@ impl Proxy {
         let res = match self.forward(via, req, &mut outcome).await {
             Ok(res) => res,
             Err(e) => {
-                tracing::debug!(route = outcome.route, error = %e, "request refused");
-                e.into_response(outcome.route)
+                let route = outcome.route.map(|r| &*r.route.name);
+                tracing::debug!(route, error = %e, "request refused");
+                e.into_response(route)
             }
         };
+        outcome
+            .route
+            .map_or(&self.unrouted, |r| &r.metrics)
+            .observe(res.status().as_u16(), outcome.upstream);
         tracing::info!(
-            route = outcome.route.unwrap_or("-"),
+            route = outcome.route.map_or("-", |r| &r.route.name),
             method = %method,
             path = uri.path(),
             status = res.status().as_u16(),
@@ -106,6 +145,9 @@ impl Proxy {
         mut req: Request<Incoming>,
         out: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
+        if let Some(local) = &self.local_token {
+            local.check(&req)?;
+        }
         if req.method() == http::Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
@@ -118,14 +160,16 @@ impl Proxy {
         let matched = self.table.find(via, parts.version, &uri, &parts.headers)?;
         let state = &self.routes[matched.route];
         let route = &state.route;
-        out.route = Some(&route.name);
+        out.route = Some(state);
+        if let Some(why) = route.policy.refuses_method(&parts.method) {
+            return Err(ProxyError::ForbiddenByPolicy(why));
+        }
 
         // 2. Pace: wait for this route's turn, so the upstream's limit is never hit.
         if let Some(pacer) = &route.rate_limit {
-            pacer
-                .acquire(route.retry.max_wait)
-                .await
-                .inspect_err(|_| RateCounters::bump(&state.counters.local_throttles))?;
+            pacer.acquire(route.retry.max_wait).await.inspect_err(|_| {
+                state.metrics.local_throttles.inc();
+            })?;
         }
 
         // 3. Keep small bodies so the request can be replayed; stream the rest once.
@@ -134,7 +178,12 @@ impl Proxy {
         } else {
             ReqBody::read(body, &parts.headers, route.retry.max_replay_body).await?
         };
-        prepare_headers(&mut parts, route, upgrade);
+        prepare_headers(
+            &mut parts,
+            route,
+            upgrade,
+            self.local_token.as_ref().and_then(|l| l.header.as_ref()),
+        );
 
         let mut attempt = 0;
         let mut refreshed = false;
@@ -146,7 +195,9 @@ impl Proxy {
                 .cool_down
                 .pass(route.retry.max_wait)
                 .await
-                .inspect_err(|_| RateCounters::bump(&state.counters.local_throttles))?;
+                .inspect_err(|_| {
+                    state.metrics.local_throttles.inc();
+                })?;
 
             // 5. Credentials: a cached token or static headers; waits only when none is usable.
             let mut path = matched.rest;
@@ -159,6 +210,9 @@ impl Proxy {
             let up_uri =
                 forward::upstream_uri(upstream, matched.add_base_path, path, query.as_deref())
                     .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
+            if let Some(why) = route.policy.refuses_path(up_uri.path()) {
+                return Err(ProxyError::ForbiddenByPolicy(why));
+            }
             let mut headers = if body.replayable() {
                 parts.headers.clone()
             } else {
@@ -216,7 +270,7 @@ impl Proxy {
             // 429/503: the upstream did not process it; wait as told and replay if allowed.
             if route.retry.statuses.contains(&status) {
                 if status == StatusCode::TOO_MANY_REQUESTS {
-                    RateCounters::bump(&state.counters.upstream_429);
+                    state.metrics.upstream_429.inc();
                 }
                 let retry_after = res
                     .headers()
@@ -241,10 +295,59 @@ impl Proxy {
     }
 }
 
+impl LocalToken {
+    /// Accepts `Proxy-Authorization: Bearer <t>`, `Basic` with `<t>` as the password (so
+    /// `HTTP_PROXY=http://x:<t>@127.0.0.1:8080` works), or the configured header. Compared in
+    /// constant time. Forward-proxy requests get 407, others 401.
+    fn check(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let h = req.headers();
+        let from_proxy_auth = h.get(header::PROXY_AUTHORIZATION).and_then(|v| {
+            let v = v.to_str().ok()?;
+            let (scheme, cred) = v.split_once(' ')?;
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Some(cred.trim().as_bytes().to_vec())
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                let decoded =
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, cred.trim())
+                        .ok()?;
+                let (_user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+                Some(pass.as_bytes().to_vec())
+            } else {
+                None
+            }
+        });
+        let from_header = self
+            .header
+            .as_ref()
+            .and_then(|name| h.get(name))
+            .map(|v| v.as_bytes().to_vec());
+        let want = self.token.expose().as_bytes();
+        let ok = [from_proxy_auth, from_header]
+            .into_iter()
+            .flatten()
+            .any(|got| subtle::ConstantTimeEq::ct_eq(got.as_slice(), want).into());
+        if ok {
+            Ok(())
+        } else {
+            Err(ProxyError::LocalTokenRequired {
+                forward_proxy: req.uri().authority().is_some() && req.version() != Version::HTTP_2,
+            })
+        }
+    }
+}
+
 /// Removes what must not reach the upstream and sets what must.
-fn prepare_headers(parts: &mut Parts, route: &Route, upgrade: bool) {
+fn prepare_headers(
+    parts: &mut Parts,
+    route: &Route,
+    upgrade: bool,
+    local_header: Option<&http::HeaderName>,
+) {
     let headers = &mut parts.headers;
     forward::strip_hop_by_hop(headers, upgrade);
+    if let Some(name) = local_header {
+        headers.remove(name);
+    }
     for name in route.auth.injects() {
         headers.remove(name);
     }
@@ -274,7 +377,7 @@ fn respond(
 }
 
 async fn retry_pause(state: &RouteState, attempt: u32, wait: Duration, why: &str) {
-    RateCounters::bump(&state.counters.retries);
+    state.metrics.retries.inc();
     tracing::info!(route = %state.route.name, attempt, wait_ms = wait.as_millis() as u64, why, "retrying");
     // If the caller goes away meanwhile, hyper drops this future: no upstream request follows.
     tokio::time::sleep(wait).await;

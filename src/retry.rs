@@ -1,7 +1,6 @@
 //! Rate limits: `Retry-After`, when a retry is safe, the per-route cool-down gate, and pacing.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -102,20 +101,6 @@ pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duratio
     }
     let at = httpdate::parse_http_date(s).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
-}
-
-/// Counters of what the rate-limit machinery did, per route (exposed by the admin endpoint).
-#[derive(Debug, Default)]
-pub struct RateCounters {
-    pub retries: AtomicU64,
-    pub upstream_429: AtomicU64,
-    pub local_throttles: AtomicU64,
-}
-
-impl RateCounters {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 /// A route's cool-down: once an upstream says "wait N seconds", every request to the route

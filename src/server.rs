@@ -1,78 +1,91 @@
-//! Listeners and connections: bind, accept, serve with hyper, shut down gracefully.
+//! Listeners and connections: bind, accept, serve; reload on SIGHUP or file change; shut down
+//! gracefully.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, Matcher};
+use crate::config::{self, Config, ListenAddr, Matcher};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::route::Via;
 use crate::StartError;
 
-/// A credgate whose listeners are bound (so callers can learn their ports) but not yet serving.
-pub struct Server {
-    proxy: Arc<Proxy>,
-    listeners: Vec<Listener>,
-    grace: Duration,
-    header_read_timeout: Duration,
+/// What every connection reads: the current request path (swapped whole on reload, so
+/// in-flight requests finish on the one they started with) and the metrics.
+pub struct Shared {
+    pub proxy: Arc<ArcSwap<Proxy>>,
+    pub metrics: Arc<Metrics>,
 }
 
-struct Listener {
-    via: Via,
-    /// The route that owns this listener, if it is a dedicated one.
+/// What a listener is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Role {
+    /// `[server] listen`: routed by host, prefix or absolute URI.
+    Shared,
+    /// A route's own `listen` (as configured).
+    Dedicated(SocketAddr),
+    /// `[server] admin`.
+    Admin,
+}
+
+type Key = (Role, ListenAddr);
+
+enum Socket {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+struct Bound {
+    key: Key,
     route: Option<String>,
-    socket: TcpListener,
+    socket: Socket,
+}
+
+/// A credgate whose listeners are bound (so callers can learn their ports) but not yet serving.
+pub struct Server {
+    shared: Arc<Shared>,
+    config_path: PathBuf,
+    files: Vec<PathBuf>,
+    listeners: Vec<Bound>,
+    settings: config::Server,
 }
 
 impl Server {
-    /// Binds every listener in the config: `[server] listen` and each route's own `listen`.
+    /// Binds every listener in the config: `[server] listen`, `admin`, and each route's own.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let mut wanted: Vec<(Via, Option<String>, SocketAddr)> = config
-            .server
-            .listen
-            .iter()
-            .map(|a| (Via::Shared, None, *a))
-            .collect();
-        for r in &config.routes {
-            if let Matcher::Listener(addr) = r.matcher {
-                wanted.push((Via::Dedicated(addr), Some(r.name.to_string()), addr));
-            }
+        let settings = config.server.clone();
+        let (config_path, files) = (config.source.clone(), config.files.clone());
+        let mut listeners = Vec::new();
+        for (key, route) in wanted(&config) {
+            listeners.push(bind(key, route, settings.socket_mode).await?);
         }
-        let mut listeners = Vec::with_capacity(wanted.len());
-        for (via, route, addr) in wanted {
-            let socket = TcpListener::bind(addr)
-                .await
-                .map_err(|e| StartError::Bind(addr, e))?;
-            listeners.push(Listener { via, route, socket });
-        }
-        let (grace, header_read_timeout) = (
-            config.server.shutdown_grace,
-            config.server.header_read_timeout,
-        );
+        let metrics = Arc::new(Metrics::default());
+        let proxy = Arc::new(ArcSwap::from_pointee(Proxy::new(config, &metrics, None)?));
         Ok(Self {
-            proxy: Arc::new(Proxy::new(config)?),
+            shared: Arc::new(Shared { proxy, metrics }),
+            config_path,
+            files,
             listeners,
-            grace,
-            header_read_timeout,
+            settings,
         })
     }
 
-    /// The bound addresses of the shared listeners.
+    /// The bound addresses of the shared TCP listeners.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter(|l| l.via == Via::Shared)
-            .filter_map(|l| l.socket.local_addr().ok())
-            .collect()
+        self.tcp_addrs(|k| k.0 == Role::Shared)
     }
 
     /// The bound address of a route's own listener.
@@ -80,83 +93,391 @@ impl Server {
         self.listeners
             .iter()
             .find(|l| l.route.as_deref() == Some(route))
-            .and_then(|l| l.socket.local_addr().ok())
+            .and_then(|l| local_addr(&l.socket))
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and lets in-flight requests
-    /// finish for up to the configured grace period.
+    /// The bound address of the admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addrs(|k| k.0 == Role::Admin).first().copied()
+    }
+
+    fn tcp_addrs(&self, f: impl Fn(&Key) -> bool) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter(|l| f(&l.key))
+            .filter_map(|l| local_addr(&l.socket))
+            .collect()
+    }
+
+    /// Serves until `shutdown` completes, reloading the config on SIGHUP or when a file it
+    /// reads changes; then stops accepting and lets in-flight requests finish for up to the
+    /// configured grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
-        let graceful = Arc::new(GracefulShutdown::new());
-        let (stop_tx, stop_rx) = watch::channel(());
-        self.proxy.start();
-        let mut accepting = tokio::task::JoinSet::new();
+            .header_read_timeout(self.settings.header_read_timeout);
+        let ctx = Arc::new(Serving {
+            shared: self.shared,
+            builder,
+            graceful: GracefulShutdown::new(),
+            running: Mutex::new(HashMap::new()),
+            socket_mode: self.settings.socket_mode,
+        });
+        ctx.shared.proxy.load().start();
         for l in self.listeners {
-            if let Ok(addr) = l.socket.local_addr() {
-                tracing::info!(%addr, route = l.route.as_deref().unwrap_or("(shared)"), "listening");
-            }
-            accepting.spawn(accept_loop(
-                l,
-                self.proxy.clone(),
-                builder.clone(),
-                graceful.clone(),
-                stop_rx.clone(),
-            ));
+            ctx.spawn(l);
         }
+        let reloader = tokio::spawn(reloader(ctx.clone(), self.config_path, self.files));
+
         shutdown.await;
         tracing::info!(
-            grace_s = self.grace.as_secs_f32(),
+            grace_s = self.settings.shutdown_grace.as_secs_f32(),
             "shutting down: no new connections, finishing in-flight requests"
         );
-        drop(stop_tx);
-        while accepting.join_next().await.is_some() {}
-        let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-        match tokio::time::timeout(self.grace, graceful.shutdown()).await {
+        reloader.abort();
+        let _ = reloader.await;
+        let running: Vec<Running> = ctx
+            .running
+            .lock()
+            .expect("listeners lock")
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in running {
+            r.stop().await;
+        }
+        let Some(ctx) = Arc::into_inner(ctx) else {
+            tracing::warn!("a listener task is still running; not waiting for connections");
+            return;
+        };
+        match tokio::time::timeout(self.settings.shutdown_grace, ctx.graceful.shutdown()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!("grace period over; closing remaining connections"),
         }
     }
 }
 
-async fn accept_loop(
-    l: Listener,
-    proxy: Arc<Proxy>,
+/// The listeners a config asks for.
+fn wanted(config: &Config) -> Vec<(Key, Option<String>)> {
+    let shared = config
+        .server
+        .listen
+        .iter()
+        .map(|a| ((Role::Shared, a.clone()), None));
+    let admin = config
+        .server
+        .admin
+        .map(|a| ((Role::Admin, ListenAddr::Tcp(a)), None));
+    let dedicated = config.routes.iter().filter_map(|r| match r.matcher {
+        Matcher::Listener(a) => Some((
+            (Role::Dedicated(a), ListenAddr::Tcp(a)),
+            Some(r.name.to_string()),
+        )),
+        Matcher::Shared { .. } => None,
+    });
+    shared.chain(admin).chain(dedicated).collect()
+}
+
+async fn bind(key: Key, route: Option<String>, socket_mode: u32) -> Result<Bound, StartError> {
+    let socket = match &key.1 {
+        ListenAddr::Tcp(addr) => Socket::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Bind(key.1.to_string(), e))?,
+        ),
+        ListenAddr::Unix(path) => Socket::Unix(
+            bind_unix(path, socket_mode).map_err(|e| StartError::Bind(key.1.to_string(), e))?,
+        ),
+    };
+    Ok(Bound { key, route, socket })
+}
+
+/// Binds a Unix socket (replacing a stale one from an earlier run) with the given mode, so
+/// file permissions decide who may spend the credentials.
+fn bind_unix(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+fn local_addr(s: &Socket) -> Option<SocketAddr> {
+    match s {
+        Socket::Tcp(l) => l.local_addr().ok(),
+        Socket::Unix(_) => None,
+    }
+}
+
+/// Everything the listeners share while serving.
+struct Serving {
+    shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
-    graceful: Arc<GracefulShutdown>,
-    mut stop: watch::Receiver<()>,
-) {
-    let via = l.via;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.changed() => return,
-            accepted = l.socket.accept() => match accepted {
-                Ok(a) => a,
+    graceful: GracefulShutdown,
+    /// The listeners accepting now, by what they are for and where. A std mutex: only the
+    /// reloader and shutdown touch it, never across an await.
+    running: Mutex<HashMap<Key, Running>>,
+    socket_mode: u32,
+}
+
+struct Running {
+    stop: watch::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    path: Option<PathBuf>,
+}
+
+impl Running {
+    async fn stop(self) {
+        drop(self.stop);
+        let _ = self.task.await;
+        if let Some(p) = self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Serving {
+    fn spawn(self: &Arc<Self>, l: Bound) {
+        let (stop, stopped) = watch::channel(());
+        let shown = match &l.socket {
+            Socket::Tcp(s) => s
+                .local_addr()
+                .map_or_else(|_| l.key.1.to_string(), |a| a.to_string()),
+            Socket::Unix(_) => l.key.1.to_string(),
+        };
+        let what = match (&l.key.0, &l.route) {
+            (Role::Admin, _) => "admin".to_owned(),
+            (_, Some(r)) => format!("route {r}"),
+            _ => "shared".to_owned(),
+        };
+        tracing::info!(addr = %shown, listener = %what, "listening");
+        let path = match &l.key.1 {
+            ListenAddr::Unix(p) => Some(p.clone()),
+            ListenAddr::Tcp(_) => None,
+        };
+        let task = tokio::spawn(self.clone().accept_loop(l.key.0.clone(), l.socket, stopped));
+        self.running
+            .lock()
+            .expect("listeners lock")
+            .insert(l.key, Running { stop, task, path });
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        role: Role,
+        socket: Socket,
+        mut stop: watch::Receiver<()>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.changed() => return,
+                a = accept(&socket) => a,
+            };
+            match accepted {
+                Ok(Conn::Tcp(s)) => {
+                    let _ = s.set_nodelay(true);
+                    self.serve(role.clone(), TokioIo::new(s));
+                }
+                Ok(Conn::Unix(s)) => self.serve(role.clone(), TokioIo::new(s)),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-            },
+            }
+        }
+    }
+
+    fn serve<I>(self: &Arc<Self>, role: Role, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let via = match role {
+            Role::Dedicated(a) => Via::Dedicated(a),
+            _ => Via::Shared,
         };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let admin = role == Role::Admin;
         let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(via, req).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let shared = shared.clone();
+            async move {
+                if admin {
+                    return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
+                }
+                let proxy = shared.proxy.load_full();
+                Ok(proxy.handle(via, req).await)
             }
         });
+        let conn = self.graceful.watch(
+            self.builder
+                .serve_connection_with_upgrades(io, svc)
+                .into_owned(),
+        );
+        let open = self.shared.metrics.open_connections.clone();
+        open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            open.dec();
+        });
     }
+
+    /// Loads the config again and swaps it in; the old one keeps serving if anything fails.
+    async fn reload(self: &Arc<Self>, path: &Path) -> Result<Vec<PathBuf>, String> {
+        let config = config::load(path).map_err(|e| e.to_string())?;
+        let files = config.files.clone();
+        let want = wanted(&config);
+        let missing: Vec<_> = {
+            let running = self.running.lock().expect("listeners lock");
+            want.iter()
+                .filter(|(k, _)| !running.contains_key(k))
+                .cloned()
+                .collect()
+        };
+        let mut fresh = Vec::with_capacity(missing.len());
+        for (key, route) in missing {
+            fresh.push(
+                bind(key, route, self.socket_mode)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let proxy = Proxy::new(
+            config,
+            &self.shared.metrics,
+            Some(&self.shared.proxy.load()),
+        )
+        .map_err(|e| e.to_string())?;
+        proxy.start();
+        self.shared.proxy.store(Arc::new(proxy));
+        let gone: Vec<Running> = {
+            let mut running = self.running.lock().expect("listeners lock");
+            let gone_keys: Vec<Key> = running
+                .keys()
+                .filter(|k| !want.iter().any(|(w, _)| w == *k))
+                .cloned()
+                .collect();
+            gone_keys.iter().filter_map(|k| running.remove(k)).collect()
+        };
+        for r in gone {
+            r.stop().await;
+        }
+        // Only now: a new socket may replace a removed one at the same path.
+        for l in fresh {
+            self.spawn(l);
+        }
+        Ok(files)
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(socket: &Socket) -> std::io::Result<Conn> {
+    match socket {
+        Socket::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
+        Socket::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+    }
+}
+
+/// Reloads on SIGHUP and when the config or a file it names changes (debounced).
+async fn reloader(ctx: Arc<Serving>, path: PathBuf, mut files: Vec<PathBuf>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<&'static str>();
+    let hup = tx.clone();
+    let signals = tokio::spawn(async move {
+        let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while s.recv().await.is_some() {
+            let _ = hup.send("SIGHUP");
+        }
+    });
+    let mut watcher = watch_files(&files, tx.clone());
+    while let Some(why) = rx.recv().await {
+        // Editors and secret managers write in bursts: let the burst finish.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        while rx.try_recv().is_ok() {}
+        match ctx.reload(&path).await {
+            Ok(new_files) => {
+                ctx.shared.metrics.reloaded(true);
+                tracing::info!(trigger = why, "config reloaded");
+                if new_files != files {
+                    files = new_files;
+                    watcher = watch_files(&files, tx.clone());
+                }
+            }
+            Err(e) => {
+                ctx.shared.metrics.reloaded(false);
+                tracing::error!(trigger = why, error = %e, "config reload rejected; the previous config keeps serving");
+            }
+        }
+    }
+    drop(watcher);
+    signals.abort();
+}
+
+/// Watches the directories of `files` (so atomic replaces and Kubernetes' `..data` symlink
+/// swaps are seen) and reports changes to any of them.
+fn watch_files(
+    files: &[PathBuf],
+    tx: mpsc::UnboundedSender<&'static str>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let watched: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let dirs: Vec<PathBuf> = {
+        let mut d: Vec<PathBuf> = watched
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_owned))
+            .collect();
+        d.sort();
+        d.dedup();
+        d
+    };
+    let relevant = {
+        let (watched, dirs) = (watched.clone(), dirs.clone());
+        move |p: &Path| {
+            watched.iter().any(|w| w == p)
+                || (p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+                    && p.parent().is_some_and(|d| dirs.iter().any(|x| x == d)))
+        }
+    };
+    let handler = move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if !matches!(ev.kind, EventKind::Access(_)) && ev.paths.iter().any(|p| relevant(p)) {
+                let _ = tx.send("file change");
+            }
+        }
+    };
+    let mut w = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP");
+            return None;
+        }
+    };
+    for d in &dirs {
+        if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch directory; reload with SIGHUP");
+        }
+    }
+    Some(w)
 }

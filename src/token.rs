@@ -148,6 +148,14 @@ impl Lifecycle {
 /// A request waiting for a token: resolves once the refresher's fetch is done.
 pub type TokenWait = Pin<Box<dyn Future<Output = Result<Arc<Token>, ProxyError>> + Send + 'static>>;
 
+/// The state of a route's tokens.
+#[derive(Debug, Clone, Default)]
+pub struct TokenStatus {
+    /// One token for the whole route (else one per key a request named).
+    pub fixed: bool,
+    pub keys: Vec<KeyStatus>,
+}
+
 /// The public state of one token key, for readiness and status.
 #[derive(Debug, Clone, Default)]
 pub struct KeyStatus {
@@ -322,7 +330,7 @@ impl TokenSource {
     }
 
     /// The state of every key, for readiness and status.
-    pub fn status(&self) -> Vec<KeyStatus> {
+    pub fn status(&self) -> TokenStatus {
         let slots: Vec<Arc<Slot>> = self
             .slots
             .lock()
@@ -330,7 +338,7 @@ impl TokenSource {
             .values()
             .cloned()
             .collect();
-        slots
+        let keys = slots
             .iter()
             .map(|s| {
                 let st = s.state.lock().expect("slot lock");
@@ -344,7 +352,11 @@ impl TokenSource {
                     usable: s.usable(&self.policy).is_some(),
                 }
             })
-            .collect()
+            .collect();
+        TokenStatus {
+            fixed: self.fixed.is_some(),
+            keys,
+        }
     }
 
     fn slot(self: &Arc<Self>, key: &str) -> Arc<Slot> {

@@ -44,6 +44,17 @@ pub enum AuthSpec {
 }
 
 impl AuthSpec {
+    /// The secrets this spec names (to watch their files and notice rotation).
+    pub fn secrets(&self) -> Vec<&SecretSpec> {
+        match self {
+            Self::Headers(s) => s.headers.values().collect(),
+            Self::Bearer(s) => vec![&s.token],
+            Self::OblienGateway(s) => vec![&s.client_id, &s.client_secret],
+            Self::OAuth2ClientCredentials(s) => vec![&s.client_id, &s.client_secret],
+            Self::None => vec![],
+        }
+    }
+
     /// The name used in `type = "..."`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -106,7 +117,7 @@ pub trait Authenticator: Send + Sync + 'static {
     fn start(&self) {}
 
     /// The state of each fetched token, for types that fetch tokens.
-    fn token_status(&self) -> Option<Vec<crate::token::KeyStatus>> {
+    fn token_status(&self) -> Option<crate::token::TokenStatus> {
         None
     }
 }

@@ -133,7 +133,7 @@ impl Authenticator for TokenAuth {
         self.source.start();
     }
 
-    fn token_status(&self) -> Option<Vec<crate::token::KeyStatus>> {
+    fn token_status(&self) -> Option<crate::token::TokenStatus> {
         Some(self.source.status())
     }
 }
