@@ -20,5 +20,7 @@ COPY --from=build /src/target/release/credgate /usr/local/bin/credgate
 COPY config/credgate.toml /etc/credgate/credgate.toml
 ENV CREDGATE_CONFIG=/etc/credgate/credgate.toml
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 9090
+# Needs `[server] admin` in the config; `credgate health` needs no curl in the image.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 CMD ["/usr/local/bin/credgate", "health"]
 ENTRYPOINT ["/usr/local/bin/credgate"]
