@@ -485,7 +485,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let matcher = match (r.listen, r.host, r.prefix) {
             (Some(l), None, None) => {
                 let addr = parse_addr(&l).map_err(|m| rerr("listen", m))?;
-                if !addrs.insert(addr) {
+                // Port 0 asks the OS for a free port: two of them never collide.
+                if addr.port() != 0 && !addrs.insert(addr) {
                     return Err(rerr(
                         "listen",
                         format!("{addr} is already used by [server] or another route"),
@@ -516,7 +517,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 Matcher::Shared { host, prefix }
             }
         };
-        if matchers.contains(&matcher) {
+        if matches!(matcher, Matcher::Shared { .. }) && matchers.contains(&matcher) {
             return Err(rerr(
                 "prefix",
                 "another route matches exactly the same requests (same host and prefix)".into(),

@@ -78,9 +78,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf) -> Result<(), String> {
+    let shutdown = shutdown_signal();
     let config = config::load(&path).map_err(|e| e.to_string())?;
     let server = Server::bind(config).await.map_err(|e| e.to_string())?;
-    server.run(shutdown_signal()).await;
+    server.run(shutdown).await;
     Ok(())
 }
 
@@ -137,19 +138,16 @@ async fn health(
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        let mut s = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        s.recv().await;
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (before any
+/// listener is bound), so a signal that comes early still means a clean shutdown.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

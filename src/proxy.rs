@@ -105,7 +105,7 @@ impl Proxy {
     }
 
     /// Handles one request from a caller; never fails (errors become JSON responses).
-    pub async fn handle(&self, via: Via, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, via: &Via, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -141,7 +141,7 @@ impl Proxy {
 
     async fn forward<'a>(
         &'a self,
-        via: Via,
+        via: &Via,
         mut req: Request<Incoming>,
         out: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {

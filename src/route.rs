@@ -1,7 +1,7 @@
 //! Route matching: dedicated listener, absolute URI (forward proxy), Host, longest path prefix.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, Uri, Version};
 
@@ -9,12 +9,12 @@ use crate::config::{Matcher, Route};
 use crate::error::ProxyError;
 
 /// Which listener a request arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Via {
     /// A `[server] listen` address, shared by routes that match on host and prefix.
     Shared,
-    /// A route's own `listen` address (as configured).
-    Dedicated(SocketAddr),
+    /// A route's own `listen` address, by route name.
+    Dedicated(Arc<str>),
 }
 
 /// A request's route, and the part of its path that goes upstream.
@@ -33,7 +33,7 @@ pub struct Matched<'u> {
 pub struct RouteTable {
     /// Shared-listener routes: host-specific first, then longest prefix first.
     shared: Vec<(usize, Option<String>, Option<String>)>,
-    dedicated: HashMap<SocketAddr, usize>,
+    dedicated: HashMap<Arc<str>, usize>,
     /// Upstream host -> routes, longest base path first (forward-proxy mode).
     by_upstream_host: HashMap<String, Vec<usize>>,
     upstreams: Vec<(u16, String)>,
@@ -47,8 +47,8 @@ impl RouteTable {
                 Matcher::Shared { host, prefix } => {
                     t.shared.push((i, host.clone(), prefix.clone()))
                 }
-                Matcher::Listener(addr) => {
-                    t.dedicated.insert(*addr, i);
+                Matcher::Listener(_) => {
+                    t.dedicated.insert(r.name.clone(), i);
                 }
             }
             t.by_upstream_host
@@ -73,7 +73,7 @@ impl RouteTable {
     /// Finds the route for a request.
     pub fn find<'u>(
         &self,
-        via: Via,
+        via: &Via,
         version: Version,
         uri: &'u Uri,
         headers: &HeaderMap,
@@ -92,8 +92,8 @@ impl RouteTable {
             }
         }
         match via {
-            Via::Dedicated(addr) => {
-                let route = *self.dedicated.get(&addr).ok_or(ProxyError::NoRoute)?;
+            Via::Dedicated(name) => {
+                let route = *self.dedicated.get(name).ok_or(ProxyError::NoRoute)?;
                 Ok(Matched {
                     route,
                     rest: path,
@@ -134,7 +134,7 @@ impl RouteTable {
 
     fn find_forward<'u>(
         &self,
-        via: Via,
+        via: &Via,
         uri: &'u Uri,
         path: &'u str,
     ) -> Result<Matched<'u>, ProxyError> {
@@ -160,7 +160,7 @@ impl RouteTable {
             .copied()
             .filter(|&i| port.is_none_or(|p| self.upstreams[i].0 == p))
             .filter(|&i| match via {
-                Via::Dedicated(addr) => self.dedicated.get(&addr) == Some(&i),
+                Via::Dedicated(name) => self.dedicated.get(name) == Some(&i),
                 Via::Shared => !self.dedicated.values().any(|&d| d == i),
             })
             .find(|&i| segment_prefix(path, &self.upstreams[i].1))
@@ -241,7 +241,7 @@ mod tests {
         let uri: Uri = uri.parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
-        let m = t.0.find(Via::Shared, Version::HTTP_11, &uri, &h)?;
+        let m = t.0.find(&Via::Shared, Version::HTTP_11, &uri, &h)?;
         Ok((t.1[m.route].clone(), m.rest.to_owned()))
     }
 

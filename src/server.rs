@@ -35,8 +35,8 @@ pub struct Shared {
 enum Role {
     /// `[server] listen`: routed by host, prefix or absolute URI.
     Shared,
-    /// A route's own `listen` (as configured).
-    Dedicated(SocketAddr),
+    /// A route's own `listen`, by route name.
+    Dedicated(Arc<str>),
     /// `[server] admin`.
     Admin,
 }
@@ -172,7 +172,7 @@ fn wanted(config: &Config) -> Vec<(Key, Option<String>)> {
         .map(|a| ((Role::Admin, ListenAddr::Tcp(a)), None));
     let dedicated = config.routes.iter().filter_map(|r| match r.matcher {
         Matcher::Listener(a) => Some((
-            (Role::Dedicated(a), ListenAddr::Tcp(a)),
+            (Role::Dedicated(r.name.clone()), ListenAddr::Tcp(a)),
             Some(r.name.to_string()),
         )),
         Matcher::Shared { .. } => None,
@@ -303,19 +303,20 @@ impl Serving {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let shared = self.shared.clone();
+        let admin = role == Role::Admin;
         let via = match role {
-            Role::Dedicated(a) => Via::Dedicated(a),
+            Role::Dedicated(name) => Via::Dedicated(name),
             _ => Via::Shared,
         };
-        let admin = role == Role::Admin;
         let svc = service_fn(move |req| {
             let shared = shared.clone();
+            let via = via.clone();
             async move {
                 if admin {
                     return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
                 }
                 let proxy = shared.proxy.load_full();
-                Ok(proxy.handle(via, req).await)
+                Ok(proxy.handle(&via, req).await)
             }
         });
         let conn = self.graceful.watch(

@@ -932,7 +932,7 @@ async fn route_with_its_own_listener_gets_the_whole_path() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: port-0 listen addresses are compared as written, so two `127.0.0.1:0` listeners collide (config.rs addrs/matchers checks; route.rs `dedicated` keyed by SocketAddr)"]
+
 async fn port_zero_listeners_do_not_collide() {
     let (a, b, shared) = (
         Upstream::echo().await,
