@@ -138,7 +138,7 @@ pub struct Route {
     /// When and how requests are retried (429/503, connection failures, 401 refresh).
     pub retry: RetryPolicy,
     /// Client-side pacing, when `[route.rate_limit]` is set.
-    pub rate_limit: Option<Pacer>,
+    pub rate_limit: Option<Arc<Pacer>>,
     /// Which methods and paths the route forwards.
     pub policy: Policy,
     /// The auth config as written, kept to tell whether a reload changed it.
@@ -548,7 +548,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             .map_err(|(k, m)| rerr(&format!("retry.{k}"), m))?;
         let rate_limit = r
             .rate_limit
-            .map(|rl| rl.check())
+            .map(|rl| rl.check().map(Arc::new))
             .transpose()
             .map_err(|(k, m)| rerr(&format!("rate_limit.{k}"), m))?;
         let policy = check_policy(r.allow_methods, r.allow_paths, r.deny_paths)

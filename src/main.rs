@@ -26,6 +26,9 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value = "pretty", global = true)]
     log_format: LogFormat,
+    /// Worker threads (default: one per CPU). 1 runs everything on one thread.
+    #[arg(long, env = "CREDGATE_WORKERS", global = true)]
+    workers: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -52,10 +55,16 @@ fn main() -> ExitCode {
         credgate::demo::set_demo_env();
     }
     telemetry::init(cli.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let mut runtime = match cli.workers.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime.enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match (cli.command, cli.config) {
             (Some(Command::Demo), _) => credgate::demo::run(shutdown_signal()).await,

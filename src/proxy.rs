@@ -1,6 +1,7 @@
 //! The request path, top to bottom: local token -> route -> policy -> pace -> body ->
 //! [cool-down -> auth -> forward -> retry?] -> respond -> log and count.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,7 +39,7 @@ struct LocalToken {
 pub struct RouteState {
     pub route: Route,
     clients: Clients,
-    pub cool_down: CoolDown,
+    pub cool_down: Arc<CoolDown>,
     pub metrics: RouteMetrics,
 }
 
@@ -66,19 +67,29 @@ impl Proxy {
             .routes
             .into_iter()
             .map(|mut route| {
-                let same = previous.into_iter().flat_map(|p| &p.routes).find(|old| {
-                    old.route.name == route.name
-                        && old.route.auth_spec == route.auth_spec
+                // A reload keeps what an unchanged route has learnt: its cached tokens, its
+                // cool-down, its pace.
+                let old = previous
+                    .into_iter()
+                    .flat_map(|p| &p.routes)
+                    .find(|old| old.route.name == route.name);
+                if let Some(old) = old {
+                    if old.route.auth_spec == route.auth_spec
                         && old.route.auth_digest == route.auth_digest
-                });
-                if let Some(old) = same {
-                    route.auth = old.route.auth.clone();
+                    {
+                        route.auth = old.route.auth.clone();
+                    }
+                    if let (Some(o), Some(n)) = (&old.route.rate_limit, &route.rate_limit) {
+                        if o.spec == n.spec {
+                            route.rate_limit = Some(o.clone());
+                        }
+                    }
                 }
                 let clients = Clients::new(&route.timeouts, route.ca.as_deref())
                     .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
                 Ok(RouteState {
                     clients,
-                    cool_down: CoolDown::default(),
+                    cool_down: old.map_or_else(Default::default, |o| o.cool_down.clone()),
                     metrics: metrics.route(&route.name),
                     route,
                 })
@@ -165,19 +176,6 @@ impl Proxy {
             return Err(ProxyError::ForbiddenByPolicy(why));
         }
 
-        // 2. Pace: wait for this route's turn, so the upstream's limit is never hit.
-        if let Some(pacer) = &route.rate_limit {
-            pacer.acquire(route.retry.max_wait).await.inspect_err(|_| {
-                state.metrics.local_throttles.inc();
-            })?;
-        }
-
-        // 3. Keep small bodies so the request can be replayed; stream the rest once.
-        let mut body = if upgrade {
-            ReqBody::Once(Some(body))
-        } else {
-            ReqBody::read(body, &parts.headers, route.retry.max_replay_body).await?
-        };
         prepare_headers(
             &mut parts,
             route,
@@ -185,19 +183,25 @@ impl Proxy {
             self.local_token.as_ref().and_then(|l| l.header.as_ref()),
         );
 
+        let mut body = ReqBody::Once(Some(body));
         let mut attempt = 0;
         let mut refreshed = false;
         loop {
             attempt += 1;
             out.attempts = attempt;
-            // 4. Cool-down: when the upstream said "wait", every request waits for the same moment.
-            state
-                .cool_down
-                .pass(route.retry.max_wait)
-                .await
-                .inspect_err(|_| {
-                    state.metrics.local_throttles.inc();
-                })?;
+            // 2. Wait for the route's turn: its cool-down (an upstream said "wait") and its pace,
+            //    so every try, retries included, stays under the upstream's limit.
+            state.wait_turn().await.inspect_err(|_| {
+                state.metrics.local_throttles.inc();
+            })?;
+
+            // 3. On the first try, keep small bodies so the request can be replayed; stream the
+            //    rest once.
+            if attempt == 1 && !refreshed && !upgrade {
+                body = body
+                    .keep_if_small(&parts.headers, route.retry.max_replay_body)
+                    .await?;
+            }
 
             // 5. Credentials: a cached token or static headers; waits only when none is usable.
             let mut path = matched.rest;
@@ -383,6 +387,23 @@ async fn retry_pause(state: &RouteState, attempt: u32, wait: Duration, why: &str
     tokio::time::sleep(wait).await;
 }
 
+impl RouteState {
+    /// Waits until the cool-down gate is open and the pacer grants a slot, with the gate still
+    /// open; fails at once when either wait would exceed `max_wait`.
+    async fn wait_turn(&self) -> Result<(), ProxyError> {
+        let max_wait = self.route.retry.max_wait;
+        loop {
+            self.cool_down.pass(max_wait).await?;
+            if let Some(pacer) = &self.route.rate_limit {
+                pacer.acquire(max_wait).await?;
+            }
+            if self.cool_down.remaining().is_none() {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// A request body: kept in memory (replayable), or streamed through once.
 enum ReqBody {
     Kept(Bytes),
@@ -390,8 +411,11 @@ enum ReqBody {
 }
 
 impl ReqBody {
-    /// Keeps bodies whose declared length is at most `max`; streams the rest.
-    async fn read(body: Incoming, headers: &HeaderMap, max: u64) -> Result<Self, ProxyError> {
+    /// Keeps a body whose declared length is at most `max`; streams the rest.
+    async fn keep_if_small(self, headers: &HeaderMap, max: u64) -> Result<Self, ProxyError> {
+        let Self::Once(Some(body)) = self else {
+            return Ok(self);
+        };
         if body.is_end_stream() {
             return Ok(Self::Kept(Bytes::new()));
         }

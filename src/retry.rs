@@ -158,6 +158,8 @@ pub struct RateLimitSpec {
 
 /// Client-side pacing: requests over the rate wait their turn (bounded queue, bounded wait).
 pub struct Pacer {
+    /// As written, so a reload can tell whether the pace changed.
+    pub spec: RateLimitSpec,
     limiter: DefaultDirectRateLimiter,
     queue: Semaphore,
     interval: Duration,
@@ -189,6 +191,7 @@ impl RateLimitSpec {
             return Err(("queue", "must be at least 1".into()));
         }
         Ok(Pacer {
+            spec: self.clone(),
             limiter: RateLimiter::direct(quota),
             queue: Semaphore::new(queue),
             interval,

@@ -415,9 +415,6 @@ async fn pacing_keeps_the_upstream_under_its_rate() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: a retry, and every request released by the cool-down gate, skip the pacer \
-            (src/proxy.rs paces once, before the attempt loop), so the gate opening sends a \
-            burst above the route's rate"]
 async fn pacing_holds_when_the_cool_down_gate_opens() {
     // The first caller's 429 closes the gate for a second; the callers paced meanwhile wait
     // there, and today all leave together when it opens (10 in one second at 5/s).
