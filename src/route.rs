@@ -188,7 +188,7 @@ fn request_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<Stri
 }
 
 /// `base` is "" or a path that `path` starts with on a segment boundary.
-fn segment_prefix(path: &str, base: &str) -> bool {
+pub(crate) fn segment_prefix(path: &str, base: &str) -> bool {
     base.is_empty()
         || path
             .strip_prefix(base)
@@ -288,6 +288,15 @@ mod tests {
             find(&t, "other", "/nope"),
             Err(ProxyError::NoRoute)
         ));
+    }
+
+    #[test]
+    fn segment_prefix_respects_segment_boundaries() {
+        assert!(segment_prefix("/ws", "/ws"));
+        assert!(segment_prefix("/ws/x", "/ws"));
+        assert!(!segment_prefix("/wsx", "/ws"));
+        assert!(!segment_prefix("/ws-status", "/ws"));
+        assert!(segment_prefix("/anything", ""));
     }
 
     #[test]

@@ -210,6 +210,15 @@ impl Slot {
         (Instant::now() + policy.skew(t.lifetime) < t.expires_at).then_some(t)
     }
 
+    /// Records that a request used the token. The first use after a fetch wakes the
+    /// refresher, which then schedules the proactive refresh (an unused per-workspace token
+    /// is left to lapse instead). Costs one relaxed load on the hot path afterwards.
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) && !self.used.swap(true, Ordering::Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
     /// The reason a request cannot have a token right now, if a fetch just failed and the
     /// refresher is backing off (so the caller gets a 503 at once instead of hanging).
     fn failing(&self) -> Option<String> {
@@ -266,9 +275,7 @@ impl TokenSource {
     pub fn get(self: &Arc<Self>, key: &str) -> Result<Arc<Token>, TokenWait> {
         let slot = self.slot(key);
         if let Some(t) = slot.usable(&self.policy) {
-            if !slot.used.load(Ordering::Relaxed) {
-                slot.used.store(true, Ordering::Relaxed);
-            }
+            slot.mark_used();
             return Ok(t);
         }
         let this = self.clone();
@@ -280,7 +287,7 @@ impl TokenSource {
         let deadline = Instant::now() + self.policy.fetch_timeout + Duration::from_secs(1);
         loop {
             if let Some(t) = slot.usable(&self.policy) {
-                slot.used.store(true, Ordering::Relaxed);
+                slot.mark_used();
                 return Ok(t);
             }
             if let Some(reason) = slot.failing() {

@@ -223,9 +223,6 @@ async fn gateway_token_is_refreshed_in_the_background_at_a_fifth_of_its_life_lef
 }
 
 #[tokio::test]
-#[ignore = "BUG: a per-workspace token is never refreshed ahead of expiry (src/token.rs: the \
-            refresher goes idle right after a fetch and `get` never wakes it when it marks the \
-            token used), so the request after it lapses waits on a fetch"]
 async fn per_workspace_token_in_use_is_refreshed_before_it_lapses() {
     let fake = fake_with_lifetime(Duration::from_secs(4));
     fake.set_token_delay(Duration::from_millis(300));

@@ -113,7 +113,7 @@ impl Authenticator for TokenAuth {
         let query = self
             .query_token_paths
             .iter()
-            .any(|q| path.starts_with(q.as_str()));
+            .any(|q| crate::route::segment_prefix(path, q));
         match self.source.get(&key) {
             Ok(token) => GrantFuture::Ready(Some(Ok(Self::grant_for(token, query)))),
             Err(wait) => GrantFuture::Pending(Box::pin(async move {
