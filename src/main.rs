@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         // Before any thread exists: the demo config reads its secrets from the environment.
         credgate::demo::set_demo_env();
     }
-    telemetry::init(cli.log_format);
+    let _logs = telemetry::init(cli.log_format);
     let mut runtime = match cli.workers.map(|n| n.get()) {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
