@@ -572,6 +572,41 @@ async fn tls_upstream_trusted_via_ca_file_gets_credentials() {
 }
 
 #[tokio::test]
+async fn tls_upstream_offering_h2_is_spoken_to_in_http2() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(Handler::echo(), ca.server_config_h2()).await;
+    let cg = start_trusting(&ca, &up).await;
+
+    for _ in 0..2 {
+        let r = get(
+            cg.addr(),
+            "/tls/x?q=1",
+            &[("authorization", "Bearer caller")],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    }
+
+    let got = up.received();
+    assert_eq!(got.len(), 2);
+    for g in &got {
+        assert_eq!(g.version, hyper::Version::HTTP_2, "ALPN offered h2");
+        assert_eq!(g.path_and_query(), "/x?q=1");
+        assert_eq!(g.header("x-client-secret"), Some(CLIENT_SECRET));
+        assert_eq!(g.header("authorization"), None);
+    }
+}
+
+#[tokio::test]
+async fn plain_tls_upstream_is_spoken_to_in_http1() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(Handler::echo(), ca.server_config()).await;
+    let cg = start_trusting(&ca, &up).await;
+    assert_eq!(get(cg.addr(), "/tls/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(up.only().version, hyper::Version::HTTP_11);
+}
+
+#[tokio::test]
 async fn untrusted_tls_upstream_is_unreachable() {
     let ca = TestCa::new();
     let up = Upstream::start_tls(Handler::echo(), untrusted_server_config()).await;

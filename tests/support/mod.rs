@@ -226,6 +226,8 @@ impl PatternCheck {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub method: Method,
+    /// HTTP/1.1, or HTTP/2 when credgate negotiated it via ALPN.
+    pub version: hyper::Version,
     pub uri: Uri,
     pub headers: HeaderMap,
     /// The whole body for [`Handler::collect`] upstreams; empty for [`Handler::stream`] ones.
@@ -371,11 +373,20 @@ impl Upstream {
                         let (handler, log) = (handler.clone(), log.clone());
                         async move { Ok::<_, Infallible>(answer(&handler, &log, req).await) }
                     });
-                    let http = hyper::server::conn::http1::Builder::new();
+                    // HTTP/1.1, or HTTP/2 when the client asks for it (ALPN or preface).
+                    let http = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
                     let _ = match tls {
-                        None => http.serve_connection(TokioIo::new(stream), svc).await,
+                        None => {
+                            http.serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                                .await
+                        }
                         Some(tls) => match tls.accept(stream).await {
-                            Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                            Ok(s) => {
+                                http.serve_connection_with_upgrades(TokioIo::new(s), svc)
+                                    .await
+                            }
                             Err(_) => return, // the client refused our certificate
                         },
                     };
@@ -432,6 +443,7 @@ async fn answer(
     let (parts, body) = req.into_parts();
     let record = |body: Bytes| Received {
         method: parts.method.clone(),
+        version: parts.version,
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
         body,
@@ -515,6 +527,7 @@ impl ws_server::Callback for RecordHandshake {
     ) -> Result<ws_server::Response, ws_server::ErrorResponse> {
         self.0.lock().unwrap().push(Received {
             method: req.method().clone(),
+            version: req.version(),
             uri: req.uri().clone(),
             headers: req.headers().clone(),
             body: Bytes::new(),
@@ -556,6 +569,13 @@ impl TestCa {
             .signed_by(&key, &self.cert, &self.key)
             .expect("leaf cert");
         server_config(vec![leaf.der().clone(), self.cert.der().clone()], &key)
+    }
+
+    /// Like [`TestCa::server_config`], offering HTTP/2 (then HTTP/1.1) via ALPN.
+    pub fn server_config_h2(&self) -> Arc<ServerConfig> {
+        let mut config = (*self.server_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
     }
 }
 
