@@ -107,6 +107,11 @@ impl Policy {
             .then_some("this route does not allow that method")
     }
 
+    /// Whether any path rule is set (so the upstream path must be checked).
+    pub fn has_path_rules(&self) -> bool {
+        self.allow_paths.is_some() || self.deny_paths.is_some()
+    }
+
     /// Why a request for this upstream path is refused, if it is.
     pub fn refuses_path(&self, upstream_path: &str) -> Option<&'static str> {
         if self

@@ -172,8 +172,22 @@ impl Proxy {
         let state = &self.routes[matched.route];
         let route = &state.route;
         out.route = Some(state);
+        // Policy, before anything is spent on the request (a turn, a token, reading its body).
         if let Some(why) = route.policy.refuses_method(&parts.method) {
             return Err(ProxyError::ForbiddenByPolicy(why));
+        }
+        if route.policy.has_path_rules() {
+            let rest = route.auth.upstream_path(matched.rest)?;
+            let base = if matched.add_base_path {
+                route.upstream.base_path.as_str()
+            } else {
+                ""
+            };
+            let path = format!("{base}{rest}");
+            let path = if path.is_empty() { "/" } else { &path };
+            if let Some(why) = route.policy.refuses_path(path) {
+                return Err(ProxyError::ForbiddenByPolicy(why));
+            }
         }
 
         prepare_headers(
@@ -214,9 +228,6 @@ impl Proxy {
             let up_uri =
                 forward::upstream_uri(upstream, matched.add_base_path, path, query.as_deref())
                     .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
-            if let Some(why) = route.policy.refuses_path(up_uri.path()) {
-                return Err(ProxyError::ForbiddenByPolicy(why));
-            }
             let mut headers = if body.replayable() {
                 parts.headers.clone()
             } else {

@@ -123,13 +123,19 @@ impl Server {
             builder,
             graceful: GracefulShutdown::new(),
             running: Mutex::new(HashMap::new()),
-            socket_mode: self.settings.socket_mode,
         });
+        // Before any listener accepts: a SIGHUP must never meet the default action (exit).
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         ctx.shared.proxy.load().start();
         for l in self.listeners {
             ctx.spawn(l);
         }
-        let reloader = tokio::spawn(reloader(ctx.clone(), self.config_path, self.files));
+        let reloader = tokio::spawn(reloader(
+            ctx.clone(),
+            self.config_path,
+            self.files,
+            hangups.ok(),
+        ));
 
         shutdown.await;
         tracing::info!(
@@ -227,7 +233,6 @@ struct Serving {
     /// The listeners accepting now, by what they are for and where. A std mutex: only the
     /// reloader and shutdown touch it, never across an await.
     running: Mutex<HashMap<Key, Running>>,
-    socket_mode: u32,
 }
 
 struct Running {
@@ -338,6 +343,7 @@ impl Serving {
     async fn reload(self: &Arc<Self>, path: &Path) -> Result<Vec<PathBuf>, String> {
         let config = config::load(path).map_err(|e| e.to_string())?;
         let files = config.files.clone();
+        let socket_mode = config.server.socket_mode;
         let want = wanted(&config);
         let missing: Vec<_> = {
             let running = self.running.lock().expect("listeners lock");
@@ -349,7 +355,7 @@ impl Serving {
         let mut fresh = Vec::with_capacity(missing.len());
         for (key, route) in missing {
             fresh.push(
-                bind(key, route, self.socket_mode)
+                bind(key, route, socket_mode)
                     .await
                     .map_err(|e| e.to_string())?,
             );
@@ -395,14 +401,16 @@ async fn accept(socket: &Socket) -> std::io::Result<Conn> {
 }
 
 /// Reloads on SIGHUP and when the config or a file it names changes (debounced).
-async fn reloader(ctx: Arc<Serving>, path: PathBuf, mut files: Vec<PathBuf>) {
+async fn reloader(
+    ctx: Arc<Serving>,
+    path: PathBuf,
+    mut files: Vec<PathBuf>,
+    hangups: Option<tokio::signal::unix::Signal>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<&'static str>();
     let hup = tx.clone();
     let signals = tokio::spawn(async move {
-        let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
+        let Some(mut s) = hangups else { return };
         while s.recv().await.is_some() {
             let _ = hup.send("SIGHUP");
         }

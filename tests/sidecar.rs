@@ -953,8 +953,6 @@ async fn unix_socket_listener_has_owner_only_mode_and_forwards_with_credentials(
 }
 
 #[tokio::test]
-#[ignore = "BUG: src/server.rs binds sockets added by a reload with the socket_mode read at \
-            start (`Serving::socket_mode`), not the reloaded config's"]
 async fn a_unix_socket_added_by_a_reload_gets_the_reloaded_mode() {
     let up = Upstream::echo().await;
     let sockets = TempDir::new();
@@ -1061,8 +1059,6 @@ headers = {{ "X-Api-Key" = "key-two" }}
 }
 
 #[tokio::test]
-#[ignore = "BUG: src/proxy.rs checks `refuses_path` after `route.auth.grant`, so a refused path \
-            still fetches a token (and gets 503, not 403, while the token endpoint is down)"]
 async fn a_path_refused_by_policy_fetches_no_token() {
     let fake = FakeOblien::start(FakeOptions::default()).expect("start the fake");
     let route =

@@ -103,6 +103,13 @@ pub trait Authenticator: Send + Sync + 'static {
     /// credentials does; `none` passes it through).
     fn strips_authorization(&self) -> bool;
 
+    /// The path the upstream will see for `path` (the path after the route's prefix): a type
+    /// that takes part of it (a workspace id) removes it, and refuses what it would refuse in
+    /// [`grant`](Self::grant). Lets policy be checked before any token is fetched.
+    fn upstream_path<'p>(&self, path: &'p str) -> Result<&'p str, ProxyError> {
+        Ok(path)
+    }
+
     /// The credentials for one request. `path` is the request path after the route's prefix;
     /// a type that takes part of it (a workspace id) advances it.
     fn grant<'a>(&'a self, path: &mut &str) -> GrantFuture<'a>;

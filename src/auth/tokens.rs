@@ -50,31 +50,30 @@ impl TokenAuth {
         }
     }
 
-    fn key<'p>(&'p self, path: &mut &'p str) -> Result<&'p str, ProxyError>
-    where
-        Self: 'p,
-    {
-        match &self.keying {
-            Keying::Fixed(k) => Ok(k),
-            Keying::PathSegment { allow } => {
-                let rest = path.strip_prefix('/').unwrap_or("");
-                let (seg, tail) = rest
-                    .find('/')
-                    .map_or((rest, ""), |i| (&rest[..i], &rest[i..]));
-                if seg.is_empty()
-                    || !seg
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-                {
-                    return Err(ProxyError::BadRequest("this route expects the workspace id as the first path segment: /<prefix>/<workspace_id>/..."));
-                }
-                if allow.as_ref().is_some_and(|a| !a.contains(seg)) {
-                    return Err(ProxyError::ForbiddenWorkspace(seg.to_owned()));
-                }
-                *path = tail;
-                Ok(seg)
-            }
+    /// The token key of a request and the path the upstream sees: the fixed key and the whole
+    /// path, or the workspace id split off the path (checked against the allow-list).
+    fn split<'p>(&self, path: &'p str) -> Result<(String, &'p str), ProxyError> {
+        let allow = match &self.keying {
+            Keying::Fixed(k) => return Ok((k.clone(), path)),
+            Keying::PathSegment { allow } => allow,
+        };
+        let rest = path.strip_prefix('/').unwrap_or("");
+        let (seg, tail) = rest
+            .find('/')
+            .map_or((rest, ""), |i| (&rest[..i], &rest[i..]));
+        if seg.is_empty()
+            || !seg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ProxyError::BadRequest(
+                "this route expects the workspace id as the first path segment: /<prefix>/<workspace_id>/...",
+            ));
         }
+        if allow.as_ref().is_some_and(|a| !a.contains(seg)) {
+            return Err(ProxyError::ForbiddenWorkspace(seg.to_owned()));
+        }
+        Ok((seg.to_owned(), tail))
     }
 
     fn grant_for(token: Arc<Token>, query: bool) -> Grant {
@@ -101,15 +100,18 @@ impl Authenticator for TokenAuth {
         true
     }
 
+    fn upstream_path<'p>(&self, path: &'p str) -> Result<&'p str, ProxyError> {
+        self.split(path).map(|(_, rest)| rest)
+    }
+
     fn grant<'a>(&'a self, path: &mut &str) -> GrantFuture<'a> {
-        let mut p: &str = path;
-        let key = match self.key(&mut p) {
-            Ok(k) => k.to_owned(),
+        let key = match self.split(path) {
+            Ok((key, rest)) => {
+                *path = rest;
+                key
+            }
             Err(e) => return GrantFuture::Ready(Some(Err(e))),
         };
-        // `p` borrows from `path`'s string, and so may replace it.
-        let consumed = path.len() - p.len();
-        *path = &path[consumed..];
         let query = self
             .query_token_paths
             .iter()
