@@ -104,6 +104,9 @@ fn check(path: PathBuf) -> Result<(), String> {
         .map(ToString::to_string)
         .collect();
     println!("listen: {}", listen.join(", "));
+    if let Some(admin) = config.server.admin {
+        println!("admin: {admin}");
+    }
     for r in &config.routes {
         let headers: Vec<&str> = r.auth.injects().iter().map(|h| h.as_str()).collect();
         println!(
