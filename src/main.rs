@@ -39,6 +39,14 @@ enum Command {
     Check,
     /// Run credgate in front of an embedded fake Oblien API on loopback (no account needed).
     Demo,
+    /// Run only the embedded fake Oblien API and gateway (for benchmarks and trying things out).
+    #[command(hide = true)]
+    Fake {
+        #[arg(long, default_value_t = 18181)]
+        api_port: u16,
+        #[arg(long, default_value_t = 18182)]
+        gateway_port: u16,
+    },
     /// Exit 0 if the admin listener reports ready (`/readyz`), 1 otherwise (for HEALTHCHECK).
     Health {
         /// The admin address; defaults to `[server] admin` from the config.
@@ -69,6 +77,14 @@ fn main() -> ExitCode {
         match (cli.command, cli.config) {
             (Some(Command::Demo), _) => credgate::demo::run(shutdown_signal()).await,
             (Some(Command::Health { admin }), config) => health(admin, config).await,
+            (Some(Command::Fake { api_port, gateway_port }), _) => {
+                let shutdown = shutdown_signal();
+                let opts = credgate::fake::FakeOptions { api_port, gateway_port, ..Default::default() };
+                let fake = credgate::fake::FakeOblien::start(opts).map_err(|e| e.to_string())?;
+                tracing::info!(api = %fake.api_addr(), gateway = %fake.gateway_addr(), "fake Oblien serving");
+                shutdown.await;
+                Ok(())
+            }
             (_, None) => Err(
                 "no config: pass --config PATH or set CREDGATE_CONFIG (or try `credgate demo`)"
                     .into(),

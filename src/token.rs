@@ -195,6 +195,11 @@ struct SlotState {
     last_refresh: Option<SystemTime>,
     fetches_ok: u64,
     fetches_failed: u64,
+    /// Until then, a 401 does not drop the token: the one fetched after the last 401 was
+    /// rejected too, so the credentials themselves are likely wrong (a 401 storm).
+    rejections_quiet_until: Option<Instant>,
+    /// Rejections in a row, each doubling the quiet time.
+    rejections: u32,
 }
 
 impl Drop for Slot {
@@ -312,7 +317,9 @@ impl TokenSource {
 
     /// The upstream rejected `token` with 401. Drops it if it is still current (so many
     /// concurrent 401s for one token cause one fetch) and asks for a new one. Returns
-    /// whether a replay can expect a different token.
+    /// whether a replay can expect a different token. When the token fetched after a 401 is
+    /// rejected too, further 401s pass through without a fetch for a quiet time that doubles
+    /// (from `backoff_min` to `backoff_max`), so a 401 storm cannot become a fetch storm.
     pub fn rejected(&self, token: &Arc<Token>) -> bool {
         let Some(slot) = self
             .slots
@@ -325,9 +332,24 @@ impl TokenSource {
         };
         let current = slot.current.load();
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, token)) {
+            let now = Instant::now();
+            let mut st = slot.state.lock().expect("slot lock");
+            if st.rejections_quiet_until.is_some_and(|q| now < q) {
+                tracing::warn!(route = %self.route, token = self.kind, key = %token.key, "upstream rejected a fresh token too; passing the 401 on instead of fetching again");
+                return false;
+            }
+            if st
+                .rejections_quiet_until
+                .is_some_and(|q| now > q + self.policy.backoff_max)
+            {
+                st.rejections = 0;
+            }
+            let quiet = (self.policy.backoff_min * 2u32.saturating_pow(st.rejections))
+                .min(self.policy.backoff_max);
+            st.rejections_quiet_until = Some(now + quiet);
+            st.rejections += 1;
             tracing::info!(route = %self.route, token = self.kind, key = %token.key, "upstream rejected the token; fetching a new one");
             slot.current.store(None);
-            let mut st = slot.state.lock().expect("slot lock");
             st.rejected = true;
             st.wanted = true;
             drop(st);
@@ -464,6 +486,8 @@ impl TokenSource {
                     last_refresh: Some(SystemTime::now()),
                     fetches_ok: st.fetches_ok + 1,
                     fetches_failed: st.fetches_failed,
+                    rejections_quiet_until: st.rejections_quiet_until,
+                    rejections: st.rejections,
                     ..SlotState::default()
                 };
             }

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# credgate vs nginx doing the same job (add X-Client-ID/X-Client-Secret, keep-alive upstream),
+# measured side by side in one run, rounds interleaved. Loopback only; every phase is bounded.
+#
+#   bench/run.sh                          # 3 rounds x 10 s, one worker each
+#   ROUNDS=1 DURATION=5 bench/run.sh      # a quick look
+#   WORKERS=2 bench/run.sh                # two workers each (credgate --workers 2, nginx 2 processes)
+#
+# Targets (all forwarding to one nginx upstream answering `return 200 "ok"`):
+#   nginx          nginx proxy, access_log off
+#   nginx-log      nginx proxy, access_log on (to a file)
+#   credgate       static headers, per-request logging on (the default), logs to a file
+#   credgate-nolog static headers, RUST_LOG=warn
+#   credgate-token an OAuth2 client-credentials route (token fetched from the embedded fake)
+# Also reports credgate's start-up time to the first answered request and RSS with idle
+# keep-alive connections (IDLE=10000 connections; 0 to skip).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+RUN=${BENCH_RUN_DIR:-/tmp/credgate-bench}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-64}
+WORKERS=${WORKERS:-1}
+IDLE=${IDLE:-10000}
+BASE=${BASE_PORT:-18100}
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- tools
+need=()
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v wrk >/dev/null || need+=(wrk)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+log "building credgate (release)"
+(cd "$ROOT" && cargo build --release -q)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/credgate
+
+# ---------------------------------------------------------------- processes
+rm -rf "$RUN" && mkdir -p "$RUN/tmp"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+start() { # name cmd...: own process group, output to $RUN/name.log
+  local name=$1; shift
+  setsid "$@" >"$RUN/$name.log" 2>&1 </dev/null &
+  PIDS+=($!)
+  eval "PID_${name//-/_}=$!"
+}
+wait_ok() { # url
+  for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' -m 1 "$1" || true)" = 200 ] && return 0
+    sleep 0.05
+  done
+  log "no 200 from $1"; return 1
+}
+
+UP=$BASE
+cat > "$RUN/upstream.conf" <<EOF
+worker_processes 1; daemon off; pid $RUN/upstream.pid; error_log stderr warn;
+events { worker_connections 16384; multi_accept on; }
+http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s; client_body_temp_path $RUN/tmp;
+  server { listen 127.0.0.1:$UP reuseport backlog=4096; default_type text/plain;
+    location / { return 200 "ok"; }
+    location = /__check { return 200 "id=\$http_x_client_id secret=\$http_x_client_secret auth=\$http_authorization"; } } }
+EOF
+start upstream nginx -p "$RUN" -e stderr -c "$RUN/upstream.conf"
+
+nginx_conf() { # port access_log
+  cat <<EOF
+worker_processes $WORKERS; daemon off; pid $RUN/nginx-$1.pid; error_log stderr warn;
+events { worker_connections 16384; multi_accept on; }
+http { access_log $2; keepalive_requests 1000000; keepalive_timeout 75s;
+  client_body_temp_path $RUN/tmp; proxy_temp_path $RUN/tmp;
+  upstream origin { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$1 reuseport backlog=4096;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Client-ID "test-id"; proxy_set_header X-Client-Secret "test-secret"; } } }
+EOF
+}
+nginx_conf $((BASE + 1)) off > "$RUN/nginx.conf"
+nginx_conf $((BASE + 2)) "$RUN/access.log" > "$RUN/nginx-log.conf"
+start nginx nginx -p "$RUN" -e stderr -c "$RUN/nginx.conf"
+start nginx-log nginx -p "$RUN" -e stderr -c "$RUN/nginx-log.conf"
+
+start fake "$BIN" fake --api-port $((BASE + 10)) --gateway-port $((BASE + 11))
+cg_conf() { # port auth-table
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+[[route]]
+name = "bench"
+prefix = "/"
+upstream = "http://127.0.0.1:$UP"
+[route.auth]
+$2
+EOF
+}
+STATIC='type = "headers"
+headers = { "X-Client-ID" = { env = "BENCH_ID" }, "X-Client-Secret" = { env = "BENCH_SECRET" } }'
+TOKEN="type = \"oauth2_client_credentials\"
+token_url = \"http://127.0.0.1:$((BASE + 10))/oauth/token\"
+client_id = { env = \"BENCH_OAUTH_ID\" }
+client_secret = { env = \"BENCH_OAUTH_SECRET\" }"
+cg_conf $((BASE + 3)) "$STATIC" > "$RUN/credgate.toml"
+cg_conf $((BASE + 4)) "$STATIC" > "$RUN/credgate-nolog.toml"
+cg_conf $((BASE + 5)) "$TOKEN" > "$RUN/credgate-token.toml"
+export BENCH_ID=test-id BENCH_SECRET=test-secret BENCH_OAUTH_ID=demo-oauth-client BENCH_OAUTH_SECRET=demo-oauth-secret
+wait_ok "http://127.0.0.1:$UP/"
+
+# Start-up: spawn to first answered request (static credentials), best of 5.
+best=999999
+for _ in 1 2 3 4 5; do
+  t0=$(date +%s%N)
+  setsid "$BIN" --config "$RUN/credgate.toml" --workers "$WORKERS" >/dev/null 2>&1 </dev/null &
+  p=$!
+  until curl -s -o /dev/null -m 1 "http://127.0.0.1:$((BASE + 3))/"; do sleep 0.001; done
+  t=$(( ($(date +%s%N) - t0) / 1000000 ))
+  [ "$t" -lt "$best" ] && best=$t
+  kill -TERM "$p"; wait "$p" 2>/dev/null || true
+done
+STARTUP_MS=$best
+
+start credgate env RUST_LOG=info "$BIN" --config "$RUN/credgate.toml" --workers "$WORKERS"
+start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/credgate-nolog.toml" --workers "$WORKERS"
+start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/credgate-token.toml" --workers "$WORKERS"
+NAMES=(nginx nginx-log credgate credgate-nolog credgate-token)
+PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)))
+for i in "${!NAMES[@]}"; do
+  wait_ok "http://127.0.0.1:${PORTS[$i]}/"
+  got=$(curl -s "http://127.0.0.1:${PORTS[$i]}/__check")
+  case $got in *"id=test-id secret=test-secret"*|*"auth=Bearer "?*) ;; *) log "${NAMES[$i]} does not inject: $got"; exit 1 ;; esac
+done
+
+# ---------------------------------------------------------------- load
+RES=$RUN/results.tsv
+: > "$RES"
+to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else {sub(/s$/,"",v); print v*1000000}}'; }
+for round in $(seq "$ROUNDS"); do
+  order=("${!NAMES[@]}")
+  [ $((round % 2)) = 0 ] && order=($(printf '%s\n' "${order[@]}" | tac))
+  for i in "${order[@]}"; do
+    url="http://127.0.0.1:${PORTS[$i]}/"
+    wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
+    errs=$(awk '/Socket errors|Non-2xx/ {s=s $0 " "} END {print s}' <<<"$out")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$rps" "$p50" "$p99" "${errs:-0}" >> "$RES"
+    log "round $round $(printf '%-15s' "${NAMES[$i]}") $rps req/s  p50 ${p50}us  p99 ${p99}us ${errs}"
+  done
+done
+
+# ---------------------------------------------------------------- memory with idle connections
+IDLE_REPORT="skipped"
+if [ "$IDLE" -gt 0 ]; then
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  pid=$PID_credgate_nolog
+  rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+  before=$(rss "$pid")
+  IDLE_REPORT=$(python3 - "$((BASE + 4))" "$IDLE" "$pid" "$before" <<'PY'
+import socket, sys, time
+port, n, pid, before = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def rss():
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmRSS"): return int(l.split()[1])
+socks = []
+req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port)); s.sendall(req); socks.append(s)
+deadline = time.time() + 30
+for s in socks:  # one request each, so every connection is a served keep-alive connection
+    s.settimeout(max(0.1, deadline - time.time())); s.recv(4096)
+time.sleep(1)
+after = rss()
+# a new request is still served while they are open
+t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 " in t.recv(4096)
+print(f"{n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
+      f"({(after-before)*1024/n:.0f} B/connection); new request served: {ok}")
+PY
+)
+  log "$IDLE_REPORT"
+fi
+
+# ---------------------------------------------------------------- table
+python3 - "$RES" "$STARTUP_MS" "$IDLE_REPORT" "$WORKERS" "$CONNS" "$DURATION" "$ROUNDS" <<'PY'
+import statistics as st, sys
+res, startup, idle, workers, conns, dur, rounds = sys.argv[1:]
+rows = {}
+for line in open(res):
+    r, name, rps, p50, p99, errs = line.rstrip("\n").split("\t")
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), errs))
+med = {n: tuple(st.median(x[i] for x in v) for i in range(3)) for n, v in rows.items()}
+base = med["nginx"][0]
+print(f"\nworkers={workers} wrk -t1 -c{conns} -d{dur}s, {rounds} round(s), medians")
+print(f"{'target':<16}{'req/s':>10}{'vs nginx':>10}{'p50 us':>10}{'p99 us':>10}  errors")
+for n, (rps, p50, p99) in med.items():
+    errs = " ".join(sorted({x[3] for x in rows[n]}))
+    print(f"{n:<16}{rps:>10.0f}{rps/base:>10.2f}{p50:>10.0f}{p99:>10.0f}  {errs}")
+lo = med["credgate"][0] / med["credgate-nolog"][0]
+ng = med["nginx-log"][0] / med["nginx"][0]
+print(f"\nlogging on/off: credgate {lo:.2f}, nginx {ng:.2f}")
+print(f"token route vs static: {med['credgate-token'][0]/med['credgate'][0]:.2f}")
+print(f"start-up to first answered request: {startup} ms (best of 5, includes curl)")
+print(idle)
+PY
