@@ -245,6 +245,8 @@ pub struct TokenSource {
     /// only for a map lookup, never across an await.
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
     fixed: Option<Arc<str>>,
+    /// The fixed key's slot, once created (read without the map's lock).
+    fixed_slot: std::sync::OnceLock<Arc<Slot>>,
 }
 
 impl TokenSource {
@@ -263,6 +265,7 @@ impl TokenSource {
             policy,
             slots: Mutex::new(HashMap::new()),
             fixed: fixed.map(Into::into),
+            fixed_slot: std::sync::OnceLock::new(),
         }
     }
 
@@ -278,12 +281,22 @@ impl TokenSource {
     /// The current token for `key`: at once when one is usable; otherwise after the
     /// refresher's fetch, or a fast error when fetching is failing.
     pub fn get(self: &Arc<Self>, key: &str) -> Result<Arc<Token>, TokenWait> {
-        let slot = self.slot(key);
+        self.get_from(&self.slot(key))
+    }
+
+    /// [`get`](Self::get) for the route's fixed key.
+    pub fn get_fixed(self: &Arc<Self>) -> Result<Arc<Token>, TokenWait> {
+        let key = self.fixed.as_deref().expect("a fixed key");
+        self.get_from(self.fixed_slot.get_or_init(|| self.slot(key)))
+    }
+
+    fn get_from(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Arc<Token>, TokenWait> {
         if let Some(t) = slot.usable(&self.policy) {
             slot.mark_used();
             return Ok(t);
         }
         let this = self.clone();
+        let slot = slot.clone();
         Err(Box::pin(async move { this.wait(slot).await }))
     }
 

@@ -105,18 +105,22 @@ impl Authenticator for TokenAuth {
     }
 
     fn grant<'a>(&'a self, path: &mut &str) -> GrantFuture<'a> {
-        let key = match self.split(path) {
-            Ok((key, rest)) => {
-                *path = rest;
-                key
-            }
-            Err(e) => return GrantFuture::Ready(Some(Err(e))),
+        let got = match &self.keying {
+            // The hot path of a fixed key: no map lookup, no allocation.
+            Keying::Fixed(_) => self.source.get_fixed(),
+            Keying::PathSegment { .. } => match self.split(path) {
+                Ok((key, rest)) => {
+                    *path = rest;
+                    self.source.get(&key)
+                }
+                Err(e) => return GrantFuture::Ready(Some(Err(e))),
+            },
         };
         let query = self
             .query_token_paths
             .iter()
             .any(|q| crate::route::segment_prefix(path, q));
-        match self.source.get(&key) {
+        match got {
             Ok(token) => GrantFuture::Ready(Some(Ok(Self::grant_for(token, query)))),
             Err(wait) => GrantFuture::Pending(Box::pin(async move {
                 wait.await.map(|t| Self::grant_for(t, query))
