@@ -107,17 +107,23 @@ pub fn readiness(proxy: &Proxy) -> Readiness {
             let reason = if status.fixed && status.keys.is_empty() {
                 Some("no token fetched yet".to_owned())
             } else {
-                status.keys.iter().find(|k| !k.usable).map(|k| {
-                    let which = if k.key.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" for {}", k.key)
-                    };
-                    match &k.last_error {
-                        Some(e) => format!("no usable token{which}: {e}"),
-                        None => format!("no usable token{which} yet"),
-                    }
-                })
+                // A per-workspace token may lapse unused by design (the next request fetches
+                // one); only a key whose fetch is failing makes such a route unready.
+                status
+                    .keys
+                    .iter()
+                    .find(|k| !k.usable && (status.fixed || k.last_error.is_some()))
+                    .map(|k| {
+                        let which = if k.key.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" for {}", k.key)
+                        };
+                        match &k.last_error {
+                            Some(e) => format!("no usable token{which}: {e}"),
+                            None => format!("no usable token{which} yet"),
+                        }
+                    })
             };
             reason.map(|reason| NotReady {
                 route: r.route.name.to_string(),

@@ -274,7 +274,8 @@ impl Upstream {
 pub struct Timeouts {
     /// TCP + TLS connect to the upstream.
     pub connect: Duration,
-    /// From sending the request to receiving the upstream's response head.
+    /// The longest the upstream may stay silent: before its response head, and between the
+    /// chunks of its body (like nginx's `proxy_read_timeout`).
     pub request: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub idle: Duration,
@@ -286,6 +287,48 @@ impl Default for Timeouts {
             connect: Duration::from_secs(10),
             request: Duration::from_secs(60),
             idle: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Durations in the config: humantime strings ("30s", "10m"), at most ten years, so that
+/// every deadline computed from them fits in an `Instant`.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    const MAX: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+    /// Implemented for `Duration` and `Option<Duration>`.
+    pub trait Bounded: Sized {
+        fn longest(&self) -> Option<Duration>;
+    }
+
+    impl Bounded for Duration {
+        fn longest(&self) -> Option<Duration> {
+            Some(*self)
+        }
+    }
+
+    impl Bounded for Option<Duration> {
+        fn longest(&self) -> Option<Duration> {
+            *self
+        }
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Bounded,
+        humantime_serde::Serde<T>: Deserialize<'de>,
+    {
+        let v = humantime_serde::Serde::<T>::deserialize(d)?.into_inner();
+        match v.longest() {
+            Some(d) if d > MAX => Err(D::Error::custom(
+                "a duration of more than ten years is not supported",
+            )),
+            _ => Ok(v),
         }
     }
 }
@@ -312,9 +355,9 @@ struct RawServer {
     local_token_header: Option<String>,
     #[serde(default)]
     allow_remote: bool,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     shutdown_grace: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     header_read_timeout: Option<Duration>,
 }
 
@@ -336,11 +379,11 @@ struct RawRoute {
     listen: Option<String>,
     upstream: String,
     ca_file: Option<PathBuf>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     request_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     idle_timeout: Option<Duration>,
     auth: AuthSpec,
     #[serde(default)]

@@ -22,6 +22,10 @@ pub enum ProxyError {
     ConnectNotSupported,
     #[error("{0}")]
     BadRequest(&'static str),
+    #[error("only the chunked transfer coding is supported")]
+    UnsupportedTransferCoding,
+    #[error("the request body did not arrive within {}s", .0.as_secs_f32())]
+    BodyTimeout(Duration),
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
     #[error("the upstream closed the connection or sent an invalid response")]
@@ -52,6 +56,8 @@ impl ProxyError {
             ForbiddenHost(_) => (StatusCode::FORBIDDEN, "forbidden_host"),
             ConnectNotSupported => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            UnsupportedTransferCoding => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
+            BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
             UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -141,6 +147,16 @@ mod tests {
             (ProxyError::ForbiddenHost("x".into()), 403, "forbidden_host"),
             (ProxyError::ConnectNotSupported, 405, "method_not_allowed"),
             (ProxyError::BadRequest("x"), 400, "bad_request"),
+            (
+                ProxyError::UnsupportedTransferCoding,
+                501,
+                "not_implemented",
+            ),
+            (
+                ProxyError::BodyTimeout(Duration::from_secs(1)),
+                408,
+                "request_timeout",
+            ),
             (ProxyError::UpstreamUnreachable, 502, "upstream_unreachable"),
             (ProxyError::UpstreamFailed, 502, "upstream_error"),
             (

@@ -11,11 +11,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
-use crate::body::Body;
+use crate::body::UpstreamBody;
 use crate::config::{Timeouts, Upstream};
 
 /// A pooled upstream client: HTTP/1.1, or HTTP/2 where the upstream offers it via ALPN.
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 /// The clients of one route: `pooled` for ordinary requests, `http1` for upgrades
 /// (WebSocket handshakes need HTTP/1.1 even where the upstream speaks HTTP/2).

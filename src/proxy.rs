@@ -1,6 +1,7 @@
 //! The request path, top to bottom: local token -> route -> policy -> pace -> body ->
 //! [cool-down -> auth -> forward -> retry?] -> respond -> log and count.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, CallerBody, UpstreamBody};
 use crate::config::{Config, Route, Upstream};
 use crate::error::ProxyError;
 use crate::forward::{self, Clients};
@@ -162,6 +163,7 @@ impl Proxy {
         if req.method() == http::Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }
+        check_framing(&req)?;
         let upgrade = forward::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -183,7 +185,8 @@ impl Proxy {
             } else {
                 ""
             };
-            let path = format!("{base}{rest}");
+            // Matched as the upstream will read it: decoded, slashes collapsed.
+            let path = crate::route::decoded_path(&format!("{base}{rest}"));
             let path = if path.is_empty() { "/" } else { &path };
             if let Some(why) = route.policy.refuses_path(path) {
                 return Err(ProxyError::ForbiddenByPolicy(why));
@@ -213,7 +216,11 @@ impl Proxy {
             //    rest once.
             if attempt == 1 && !refreshed && !upgrade {
                 body = body
-                    .keep_if_small(&parts.headers, route.retry.max_replay_body)
+                    .keep_if_small(
+                        &parts.headers,
+                        route.retry.max_replay_body,
+                        route.timeouts.request,
+                    )
                     .await?;
             }
 
@@ -258,6 +265,12 @@ impl Proxy {
             out.upstream = Some(sent.elapsed());
             let res = match result {
                 Ok(res) => res,
+                Err(e) if body.caller_failed() => {
+                    tracing::debug!(route = %route.name, error = %e, "the caller's request body failed");
+                    return Err(ProxyError::BadRequest(
+                        "the request body was malformed or ended early",
+                    ));
+                }
                 Err(e) => {
                     let err = upstream_error(&route.name, e);
                     // Nothing reached the upstream: safe to try again with a kept body.
@@ -305,7 +318,7 @@ impl Proxy {
             }
 
             // 8. Respond.
-            return Ok(respond(res, client_upgrade, &route.name));
+            return Ok(respond(res, client_upgrade, route));
         }
     }
 }
@@ -351,6 +364,30 @@ impl LocalToken {
     }
 }
 
+/// Refuses requests whose framing an upstream could read differently than hyper did.
+fn check_framing(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let h = req.headers();
+    // RFC 9112 §3.2: exactly one Host in HTTP/1.1 (absolute-form requests included).
+    if req.version() == Version::HTTP_11 {
+        let mut hosts = h.get_all(header::HOST).iter();
+        if hosts.next().is_none() || hosts.next().is_some() {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs exactly one Host header",
+            ));
+        }
+    }
+    // hyper decodes only `chunked`; another coding would reach the upstream undeclared.
+    let other_coding = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .any(|c| !c.trim().eq_ignore_ascii_case("chunked"));
+    if other_coding {
+        return Err(ProxyError::UnsupportedTransferCoding);
+    }
+    Ok(())
+}
+
 /// Removes what must not reach the upstream and sets what must.
 fn prepare_headers(
     parts: &mut Parts,
@@ -376,19 +413,22 @@ fn prepare_headers(
 fn respond(
     mut res: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    route: &str,
+    route: &Route,
 ) -> Response<Body> {
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
         tunnel(
-            route.to_owned(),
+            route.name.to_string(),
             client_upgrade,
             hyper::upgrade::on(&mut res),
         );
     }
     let (mut parts, body) = res.into_parts();
     forward::strip_hop_by_hop(&mut parts.headers, switching);
-    Response::from_parts(parts, Either::Left(body))
+    Response::from_parts(
+        parts,
+        Either::Left(body::IdleLimited::new(body, route.timeouts.request)),
+    )
 }
 
 async fn retry_pause(state: &RouteState, attempt: u32, wait: Duration, why: &str) {
@@ -419,11 +459,18 @@ impl RouteState {
 enum ReqBody {
     Kept(Bytes),
     Once(Option<Incoming>),
+    /// Sent; the flag says whether reading it from the caller failed.
+    Sent(Arc<AtomicBool>),
 }
 
 impl ReqBody {
     /// Keeps a body whose declared length is at most `max`; streams the rest.
-    async fn keep_if_small(self, headers: &HeaderMap, max: u64) -> Result<Self, ProxyError> {
+    async fn keep_if_small(
+        self,
+        headers: &HeaderMap,
+        max: u64,
+        within: Duration,
+    ) -> Result<Self, ProxyError> {
         let Self::Once(Some(body)) = self else {
             return Ok(self);
         };
@@ -435,9 +482,10 @@ impl ReqBody {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         match declared {
             Some(len) if len <= max => {
-                let bytes = Limited::new(body, max as usize)
-                    .collect()
+                let collect = Limited::new(body, max as usize).collect();
+                let bytes = tokio::time::timeout(within, collect)
                     .await
+                    .map_err(|_| ProxyError::BodyTimeout(within))?
                     .map_err(|_| {
                         ProxyError::BadRequest(
                             "the request body ended early or was longer than declared",
@@ -455,11 +503,25 @@ impl ReqBody {
     }
 
     /// The body for the next attempt (a streamed body is only ever sent once).
-    fn next(&mut self) -> Body {
+    fn next(&mut self) -> UpstreamBody {
         match self {
             Self::Kept(b) => body::full(b.clone()),
-            Self::Once(b) => b.take().map_or_else(body::empty, Either::Left),
+            Self::Once(b) => match b.take() {
+                Some(incoming) => {
+                    let (body, failed) = CallerBody::new(incoming);
+                    *self = Self::Sent(failed);
+                    Either::Left(body)
+                }
+                None => body::empty(),
+            },
+            Self::Sent(_) => body::empty(),
         }
+    }
+
+    /// Whether the caller's streamed body failed while being sent (so an upstream error is
+    /// really the caller's).
+    fn caller_failed(&self) -> bool {
+        matches!(self, Self::Sent(f) if f.load(Ordering::Relaxed))
     }
 }
 

@@ -16,12 +16,12 @@ use crate::error::ProxyError;
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     pub max_attempts: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub max_wait: Option<Duration>,
     pub statuses: Option<Vec<u16>>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub backoff_base: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub backoff_cap: Option<Duration>,
     pub max_replay_body: Option<u64>,
 }
@@ -96,7 +96,9 @@ impl RetryPolicy {
 /// Parses `Retry-After`: delta-seconds or an HTTP-date (a date in the past means now).
 pub fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let s = value.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is still "a very long wait".
+        let secs = s.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(secs.min(u32::MAX as u64)));
     }
     let at = httpdate::parse_http_date(s).ok()?;
@@ -147,7 +149,7 @@ impl CoolDown {
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub requests: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::config::duration")]
     pub per: Duration,
     /// Requests that may go at once before pacing starts (default 1: evenly spaced, so no
     /// window of length `per` ever holds more than `requests`).
@@ -187,8 +189,8 @@ impl RateLimitSpec {
             .ok_or(("per", "too short for that many requests".to_string()))?
             .allow_burst(burst);
         let queue = self.queue.unwrap_or(1000);
-        if queue == 0 {
-            return Err(("queue", "must be at least 1".into()));
+        if !(1..=1_000_000).contains(&queue) {
+            return Err(("queue", "must be between 1 and 1000000".into()));
         }
         Ok(Pacer {
             spec: self.clone(),
@@ -258,6 +260,8 @@ mod tests {
             parse_retry_after(&HeaderValue::from_static("-1"), now),
             None
         );
+        let huge = parse_retry_after(&HeaderValue::from_static("99999999999999999999999"), now);
+        assert_eq!(huge, Some(Duration::from_secs(u32::MAX as u64)));
     }
 
     #[test]

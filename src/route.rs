@@ -88,6 +88,14 @@ impl RouteTable {
                         "credentials in the request URL are not accepted",
                     ));
                 }
+                if !matches!(uri.scheme_str(), Some("http" | "https")) {
+                    return Err(ProxyError::BadRequest(
+                        "a forward-proxy request needs an http:// URL",
+                    ));
+                }
+                if !port_is_valid(authority.as_str()) {
+                    return Err(ProxyError::BadRequest("the URL's port is not a valid port"));
+                }
                 return self.find_forward(via, uri, path);
             }
         }
@@ -187,6 +195,18 @@ fn request_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<Stri
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// Whether an authority's port, if any, is a valid port number (`http` parses "99999"
+/// without complaint and then reports no port at all).
+fn port_is_valid(authority: &str) -> bool {
+    let after_host = authority
+        .rfind(']')
+        .map_or(authority, |i| &authority[i + 1..]);
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, port)) => port.is_empty() || port.parse::<u16>().is_ok(),
+    }
+}
+
 /// `base` is "" or a path that `path` starts with on a segment boundary.
 pub(crate) fn segment_prefix(path: &str, base: &str) -> bool {
     base.is_empty()
@@ -195,23 +215,29 @@ pub(crate) fn segment_prefix(path: &str, base: &str) -> bool {
             .is_some_and(|r| r.is_empty() || r.starts_with('/'))
 }
 
-/// Refuses dot segments, plain or percent-encoded, so no path can climb out of its route.
+/// Refuses dot segments, however an upstream might see them (plain, percent-encoded, or
+/// beside an encoded slash or a backslash), so no path can climb out of its route.
 fn check_path(path: &str) -> Result<(), ProxyError> {
-    let is_dot = |seg: &str| {
-        let s = seg.to_ascii_lowercase().replace("%2e", ".");
-        s == "." || s == ".."
-    };
-    let has_dot = path.split('/').any(is_dot);
-    let has_encoded_sep = {
-        let l = path.to_ascii_lowercase();
-        l.contains("%2f") || l.contains("%5c") || l.contains('\\')
-    };
-    if has_dot || (has_encoded_sep && path.to_ascii_lowercase().contains("%2e")) {
+    let is_dot = |seg: &str| seg == "." || seg == "..";
+    if path.split('/').any(is_dot) || decoded_path(path).split(['/', '\\']).any(is_dot) {
         return Err(ProxyError::BadRequest(
             "the path has dot segments ('.' or '..'), which credgate does not forward",
         ));
     }
     Ok(())
+}
+
+/// The path as an upstream that decodes it would read it: percent-decoded (lossily), with
+/// runs of slashes collapsed. Policy globs are matched against this.
+pub fn decoded_path(path: &str) -> String {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut out = String::with_capacity(decoded.len());
+    for c in decoded.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -302,7 +328,16 @@ mod tests {
     #[test]
     fn dot_segments_are_refused_even_encoded() {
         let t = table(&route("api", "prefix = \"/api\"", "http://a"));
-        for p in ["/api/../other", "/api/%2e%2e/x", "/api/%2E./x", "/api/./x"] {
+        for p in [
+            "/api/../other",
+            "/api/%2e%2e/x",
+            "/api/%2E./x",
+            "/api/./x",
+            "/api/..%2fother",
+            "/api/..%5cother",
+            "/api/..%2Fother",
+            "/api%2f..%2fother",
+        ] {
             assert!(
                 matches!(find(&t, "x", p), Err(ProxyError::BadRequest(_))),
                 "{p}"

@@ -123,6 +123,7 @@ impl Server {
             builder,
             graceful: GracefulShutdown::new(),
             running: Mutex::new(HashMap::new()),
+            header_read_timeout: self.settings.header_read_timeout,
         });
         // Before any listener accepts: a SIGHUP must never meet the default action (exit).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -233,6 +234,7 @@ struct Serving {
     /// The listeners accepting now, by what they are for and where. A std mutex: only the
     /// reloader and shutdown touch it, never across an await.
     running: Mutex<HashMap<Key, Running>>,
+    header_read_timeout: Duration,
 }
 
 struct Running {
@@ -291,7 +293,12 @@ impl Serving {
             match accepted {
                 Ok(Conn::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    self.serve(role.clone(), TokioIo::new(s));
+                    let (ctx, role) = (self.clone(), role.clone());
+                    tokio::spawn(async move {
+                        if request_starts(&s, ctx.header_read_timeout).await {
+                            ctx.serve(role, TokioIo::new(s));
+                        }
+                    });
                 }
                 Ok(Conn::Unix(s)) => self.serve(role.clone(), TokioIo::new(s)),
                 Err(e) => {
@@ -385,6 +392,41 @@ impl Serving {
             self.spawn(l);
         }
         Ok(files)
+    }
+}
+
+/// Waits until a new connection's first request has begun: bytes that are not the HTTP/2
+/// preface, or the preface and the head of the frame that must follow it. hyper's timeouts
+/// start only after its protocol sniffing and the HTTP/2 handshake, which would otherwise wait
+/// forever on a silent client or a partial preface.
+async fn request_starts(s: &tokio::net::TcpStream, within: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const FRAME_HEAD: usize = 9;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; PREFACE.len() + FRAME_HEAD];
+    loop {
+        match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return false,
+            Ok(Ok(n))
+                if n == buf.len()
+                    || buf[..n.min(PREFACE.len())] != PREFACE[..n.min(PREFACE.len())] =>
+            {
+                return true
+            }
+            // A partial preface: give it until the deadline to finish.
+            Ok(Ok(_)) => {
+                if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(20)))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            Err(_) => {
+                tracing::debug!("connection closed: no request within the header timeout");
+                return false;
+            }
+        }
     }
 }
 

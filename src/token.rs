@@ -182,6 +182,8 @@ struct Slot {
     used: AtomicBool,
     /// Keep this key fresh even when unused (prefetched fixed keys).
     always: bool,
+    /// Dropped from the key map: a request holding it must look the key up again.
+    forgotten: AtomicBool,
 }
 
 #[derive(Default)]
@@ -300,7 +302,7 @@ impl TokenSource {
         Err(Box::pin(async move { this.wait(slot).await }))
     }
 
-    async fn wait(&self, slot: Arc<Slot>) -> Result<Arc<Token>, ProxyError> {
+    async fn wait(self: Arc<Self>, mut slot: Arc<Slot>) -> Result<Arc<Token>, ProxyError> {
         let mut fetched = slot.fetched.subscribe();
         let deadline = Instant::now() + self.policy.fetch_timeout + Duration::from_secs(1);
         loop {
@@ -314,7 +316,16 @@ impl TokenSource {
                     self.kind
                 )));
             }
-            slot.state.lock().expect("slot lock").wanted = true;
+            {
+                let mut st = slot.state.lock().expect("slot lock");
+                if slot.forgotten.load(Ordering::Relaxed) {
+                    drop(st);
+                    slot = self.slot(&slot.key);
+                    fetched = slot.fetched.subscribe();
+                    continue;
+                }
+                st.wanted = true;
+            }
             slot.wake.notify_one();
             if tokio::time::timeout_at(deadline.into(), fetched.changed())
                 .await
@@ -415,6 +426,7 @@ impl TokenSource {
             wake: Arc::new(Notify::new()),
             used: AtomicBool::new(false),
             always: self.fixed.as_deref() == Some(&*key),
+            forgotten: AtomicBool::new(false),
         });
         slots.insert(key, slot.clone());
         tokio::spawn(refresher(
@@ -429,7 +441,12 @@ impl TokenSource {
 /// What the refresher should do next.
 enum Next {
     FetchAt(Instant, Reason),
+    /// Nothing to do until woken.
     Idle,
+    /// Nothing to do until woken or until then.
+    IdleUntil(Instant),
+    /// The key is no longer needed.
+    Forget,
 }
 
 impl TokenSource {
@@ -453,14 +470,32 @@ impl TokenSource {
                 self.policy.refresh_at(t.fetched_at, t.lifetime),
                 Reason::Refresh,
             ),
+            // Unused since its fetch: let it lapse, then forget the key.
             Some(t)
                 if Instant::now() + self.policy.skew(t.lifetime) < t.expires_at && !st.wanted =>
             {
-                Next::Idle
+                Next::IdleUntil(t.expires_at)
             }
             _ if st.wanted => Next::FetchAt(Instant::now(), Reason::Initial),
+            _ if !slot.always && st.last_refresh.is_some() => Next::Forget,
             _ => Next::Idle,
         }
+    }
+
+    /// Drops a per-request key whose token lapsed unused, so that the workspace ids callers
+    /// name cannot grow credgate without bound. False if a request wants it meanwhile.
+    fn forget(&self, slot: &Arc<Slot>) -> bool {
+        let mut slots = self.slots.lock().expect("slots lock");
+        let st = slot.state.lock().expect("slot lock");
+        if st.wanted {
+            return false;
+        }
+        slot.forgotten.store(true, Ordering::Relaxed);
+        if slots.get(&slot.key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            slots.remove(&slot.key);
+        }
+        tracing::debug!(route = %self.route, key = %slot.key, "token lapsed unused; key forgotten");
+        true
     }
 
     fn state_of<'a>(&self, slot: &'a Slot) -> std::sync::MutexGuard<'a, SlotState> {
@@ -572,6 +607,18 @@ async fn refresher(source: Weak<TokenSource>, slot: Weak<Slot>, wake: Arc<Notify
                 wake.notified().await;
                 continue;
             }
+            Next::IdleUntil(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = wake.notified() => {}
+                }
+                continue;
+            }
+            Next::Forget => match (source.upgrade(), slot.upgrade()) {
+                (Some(src), Some(slot)) if src.forget(&slot) => return,
+                (Some(_), Some(_)) => continue,
+                _ => return,
+            },
             Next::FetchAt(at, reason) => {
                 if at > Instant::now() {
                     tokio::select! {
@@ -612,7 +659,7 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
 /// whose message quotes the endpoint's own error fields (never the request's secrets).
 pub async fn request_json(
     client: &HttpClient,
-    req: Request<crate::body::Body>,
+    req: Request<crate::body::UpstreamBody>,
 ) -> Result<serde_json::Value, FetchError> {
     let res = client
         .request(req)

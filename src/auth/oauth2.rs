@@ -32,14 +32,14 @@ pub struct OAuth2Spec {
     /// How the client authenticates: in the form body (default) or HTTP Basic.
     #[serde(default)]
     pub client_auth: ClientAuth,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub default_lifetime: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub refresh_before: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub skew: Option<Duration>,
     pub prefetch: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub fetch_timeout: Option<Duration>,
 }
 

@@ -37,14 +37,14 @@ pub struct OblienSpec {
     /// Paths whose endpoints (WebSockets) take the token as a `token` query parameter.
     #[serde(default = "default_query_token_paths")]
     pub query_token_paths: Vec<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub default_lifetime: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub refresh_before: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub skew: Option<Duration>,
     pub prefetch: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "crate::config::duration")]
     pub fetch_timeout: Option<Duration>,
 }
 
