@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -293,12 +294,7 @@ impl Serving {
             match accepted {
                 Ok(Conn::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    let (ctx, role) = (self.clone(), role.clone());
-                    tokio::spawn(async move {
-                        if request_starts(&s, ctx.header_read_timeout).await {
-                            ctx.serve(role, TokioIo::new(s));
-                        }
-                    });
+                    self.serve(role.clone(), TokioIo::new(s));
                 }
                 Ok(Conn::Unix(s)) => self.serve(role.clone(), TokioIo::new(s)),
                 Err(e) => {
@@ -315,12 +311,15 @@ impl Serving {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let shared = self.shared.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let first_request = started.clone();
         let admin = role == Role::Admin;
         let via = match role {
             Role::Dedicated(name) => Via::Dedicated(name),
             _ => Via::Shared,
         };
         let svc = service_fn(move |req| {
+            first_request.store(true, Ordering::Relaxed);
             let shared = shared.clone();
             let via = via.clone();
             async move {
@@ -338,8 +337,22 @@ impl Serving {
         );
         let open = self.shared.metrics.open_connections.clone();
         open.inc();
+        let first_within = self.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // A connection must bring a request within the header timeout: hyper's own timer
+            // starts only after its protocol sniffing (and HTTP/2 has none), so a silent client,
+            // a partial preface or an h2c handshake without a request would otherwise stay.
+            tokio::pin!(conn);
+            let result = match tokio::time::timeout(first_within, &mut conn).await {
+                Ok(r) => r,
+                Err(_) if !started.load(Ordering::Relaxed) => {
+                    tracing::debug!("connection closed: no request within the header timeout");
+                    open.dec();
+                    return;
+                }
+                Err(_) => conn.await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             open.dec();
@@ -392,41 +405,6 @@ impl Serving {
             self.spawn(l);
         }
         Ok(files)
-    }
-}
-
-/// Waits until a new connection's first request has begun: bytes that are not the HTTP/2
-/// preface, or the preface and the head of the frame that must follow it. hyper's timeouts
-/// start only after its protocol sniffing and the HTTP/2 handshake, which would otherwise wait
-/// forever on a silent client or a partial preface.
-async fn request_starts(s: &tokio::net::TcpStream, within: Duration) -> bool {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    const FRAME_HEAD: usize = 9;
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = [0u8; PREFACE.len() + FRAME_HEAD];
-    loop {
-        match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return false,
-            Ok(Ok(n))
-                if n == buf.len()
-                    || buf[..n.min(PREFACE.len())] != PREFACE[..n.min(PREFACE.len())] =>
-            {
-                return true
-            }
-            // A partial preface: give it until the deadline to finish.
-            Ok(Ok(_)) => {
-                if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(20)))
-                    .await
-                    .is_err()
-                {
-                    return false;
-                }
-            }
-            Err(_) => {
-                tracing::debug!("connection closed: no request within the header timeout");
-                return false;
-            }
-        }
     }
 }
 

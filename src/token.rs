@@ -306,8 +306,9 @@ impl TokenSource {
         let mut fetched = slot.fetched.subscribe();
         let deadline = Instant::now() + self.policy.fetch_timeout + Duration::from_secs(1);
         loop {
+            // Not marked used: only a request after this fetch shows the key is in use (so a
+            // one-off workspace costs one fetch, not a fetch and a refresh).
             if let Some(t) = slot.usable(&self.policy) {
-                slot.mark_used();
                 return Ok(t);
             }
             if let Some(reason) = slot.failing() {
