@@ -14,6 +14,10 @@ use rustls::RootCertStore;
 use crate::body::UpstreamBody;
 use crate::config::{Timeouts, Upstream};
 
+/// Idle connections kept per upstream (as nginx's `keepalive 128`): a burst of concurrent
+/// requests opens as many connections as it needs, but only this many stay open afterwards.
+const MAX_IDLE_PER_UPSTREAM: usize = 128;
+
 /// A pooled upstream client: HTTP/1.1, or HTTP/2 where the upstream offers it via ALPN.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
@@ -46,6 +50,7 @@ impl Clients {
             };
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(timeouts.idle)
+                .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .build(connector)

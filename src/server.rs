@@ -322,13 +322,15 @@ impl Serving {
             first_request.store(true, Ordering::Relaxed);
             let shared = shared.clone();
             let via = via.clone();
-            async move {
+            // Boxed: the request path's future is large, and an idle keep-alive connection
+            // should not carry room for it between requests.
+            Box::pin(async move {
                 if admin {
                     return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
                 }
                 let proxy = shared.proxy.load_full();
                 Ok(proxy.handle(&via, req).await)
-            }
+            })
         });
         let conn = self.graceful.watch(
             self.builder
