@@ -1,5 +1,5 @@
-//! The request path, top to bottom: local token -> route -> policy -> pace -> body ->
-//! [cool-down -> auth -> forward -> retry?] -> respond -> log and count.
+//! The request path, top to bottom: local token and framing checks -> route -> policy ->
+//! [turn (cool-down, pace) -> body -> credentials -> forward -> retry?] -> respond -> log, count.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -174,7 +174,7 @@ impl Proxy {
         let state = &self.routes[matched.route];
         let route = &state.route;
         out.route = Some(state);
-        // Policy, before anything is spent on the request (a turn, a token, reading its body).
+        // 2. Policy, before anything is spent on the request (a turn, a token, its body).
         if let Some(why) = route.policy.refuses_method(&parts.method) {
             return Err(ProxyError::ForbiddenByPolicy(why));
         }
@@ -206,13 +206,13 @@ impl Proxy {
         loop {
             attempt += 1;
             out.attempts = attempt;
-            // 2. Wait for the route's turn: its cool-down (an upstream said "wait") and its pace,
+            // 3. Wait for the route's turn: its cool-down (an upstream said "wait") and its pace,
             //    so every try, retries included, stays under the upstream's limit.
             state.wait_turn().await.inspect_err(|_| {
                 state.metrics.local_throttles.inc();
             })?;
 
-            // 3. On the first try, keep small bodies so the request can be replayed; stream the
+            // 4. On the first try, keep small bodies so the request can be replayed; stream the
             //    rest once.
             if attempt == 1 && !refreshed && !upgrade {
                 body = body
