@@ -609,6 +609,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
                 v.expose().hash(&mut hasher);
             }
         }
+        if let AuthSpec::OblienGateway(o) = &r.auth {
+            if o.token == auth::OblienToken::Raw && !upstream.base_path.is_empty() {
+                // Raw tokens name the VM's own address: a base path would be checked by policy
+                // but never sent.
+                return Err(rerr(
+                    "upstream",
+                    "a raw-token route's upstream cannot have a base path".into(),
+                ));
+            }
+        }
         let auth =
             auth::build(&r.auth, name).map_err(|e| rerr(&format!("auth.{}", e.key), e.msg))?;
         routes.push(Route {

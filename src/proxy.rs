@@ -90,7 +90,10 @@ impl Proxy {
                     .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
                 Ok(RouteState {
                     clients,
-                    cool_down: old.map_or_else(Default::default, |o| o.cool_down.clone()),
+                    // The gate is the upstream's word: kept only while the upstream is the same.
+                    cool_down: old
+                        .filter(|o| o.route.upstream.to_string() == route.upstream.to_string())
+                        .map_or_else(Default::default, |o| o.cool_down.clone()),
                     metrics: metrics.route(&route.name),
                     route,
                 })
@@ -286,10 +289,12 @@ impl Proxy {
 
             // 7. Retry? A 401 to a fetched token: refresh once and replay.
             let status = res.status();
+            //    The token is dropped even when the body cannot be replayed (a WebSocket, a
+            //    streamed upload), so the caller's next request gets a fresh one.
             if status == StatusCode::UNAUTHORIZED
                 && !refreshed
-                && body.replayable()
                 && route.auth.rejected(&grant)
+                && body.replayable()
             {
                 refreshed = true;
                 attempt -= 1;
@@ -306,7 +311,7 @@ impl Proxy {
                     .and_then(|v| crate::retry::parse_retry_after(v, std::time::SystemTime::now()));
                 let wait = route.retry.wait_after(attempt, retry_after);
                 if retry_after.is_some() {
-                    state.cool_down.close_until(Instant::now() + wait);
+                    state.cool_down.close_for(wait);
                 }
                 if attempt < route.retry.max_attempts
                     && body.replayable()

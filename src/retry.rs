@@ -114,6 +114,12 @@ pub struct CoolDown {
 
 impl CoolDown {
     /// Closes the gate until `at` (a later moment wins).
+    /// Closes the gate for `wait`, at most an hour (so a hostile or broken `Retry-After`
+    /// cannot shut a route for years); a later moment already set wins.
+    pub fn close_for(&self, wait: Duration) {
+        self.close_until(Instant::now() + wait.min(Duration::from_secs(3600)));
+    }
+
     pub fn close_until(&self, at: Instant) {
         let mut until = self.until.lock().expect("cool-down lock");
         if until.is_none_or(|u| u < at) {

@@ -42,6 +42,8 @@ pub struct Token {
     /// Wall-clock expiry, for status output.
     pub expires_at_wall: SystemTime,
     pub lifetime: Duration,
+    /// When the background refresh of this token starts (jitter drawn once, at fetch).
+    pub refresh_at: Instant,
 }
 
 impl fmt::Debug for Token {
@@ -137,7 +139,14 @@ impl Lifecycle {
     /// When a token fetched at `at` with `lifetime` should be replaced, with a little jitter
     /// (up to 2% of the lifetime, at most 5 s, always earlier) so that many keys spread out.
     fn refresh_at(&self, at: Instant, lifetime: Duration) -> Instant {
-        let before = self.refresh_before.unwrap_or(lifetime / 5).min(lifetime);
+        // Never so early that fetches follow each other back to back (at least 10% of the
+        // lifetime after the fetch), never so late that the token is unusable first.
+        let earliest = lifetime / 10;
+        let latest = self.skew(lifetime) + lifetime / 20;
+        let before = self
+            .refresh_before
+            .unwrap_or(lifetime / 5)
+            .clamp(latest, lifetime - earliest);
         let jitter = (lifetime / 50)
             .min(Duration::from_secs(5))
             .mul_f64(rand::random::<f64>());
@@ -453,6 +462,19 @@ enum Next {
 impl TokenSource {
     fn next(&self, slot: &Slot) -> Next {
         let st = self.state_of(slot);
+        let current = slot.current.load_full();
+        let usable = current
+            .as_ref()
+            .is_some_and(|t| Instant::now() + self.policy.skew(t.lifetime) < t.expires_at);
+        // A per-request key nobody waits for, whose token is gone or lapsed (unused, or its
+        // fetches failing): forget it, rather than keep it, and its fetches, for good.
+        // A failing key is kept until its backoff ends, so requests meanwhile get a fast 503
+        // instead of a fetch each.
+        let tried = st.fetches_ok + st.fetches_failed > 0;
+        let backing_off = st.retry_at.is_some_and(|at| at > Instant::now());
+        if !slot.always && !st.wanted && !usable && tried && !backing_off {
+            return Next::Forget;
+        }
         if let Some(at) = st.retry_at {
             let reason = if st.rejected {
                 Reason::Rejected
@@ -466,19 +488,15 @@ impl TokenSource {
         if st.rejected {
             return Next::FetchAt(Instant::now(), Reason::Rejected);
         }
-        match slot.current.load_full() {
-            Some(t) if slot.always || slot.used.load(Ordering::Relaxed) => Next::FetchAt(
-                self.policy.refresh_at(t.fetched_at, t.lifetime),
-                Reason::Refresh,
-            ),
-            // Unused since its fetch: let it lapse, then forget the key.
-            Some(t)
-                if Instant::now() + self.policy.skew(t.lifetime) < t.expires_at && !st.wanted =>
-            {
-                Next::IdleUntil(t.expires_at)
+        match current {
+            // Someone waits and the token is past its usable point: fetch now.
+            Some(_) if st.wanted && !usable => Next::FetchAt(Instant::now(), Reason::Refresh),
+            Some(t) if slot.always || slot.used.load(Ordering::Relaxed) => {
+                Next::FetchAt(t.refresh_at, Reason::Refresh)
             }
+            // Unused since its fetch: let it lapse, then forget the key.
+            Some(t) if usable && !st.wanted => Next::IdleUntil(t.expires_at),
             _ if st.wanted => Next::FetchAt(Instant::now(), Reason::Initial),
-            _ if !slot.always && st.last_refresh.is_some() => Next::Forget,
             _ => Next::Idle,
         }
     }
@@ -520,10 +538,7 @@ impl TokenSource {
         let mut st = slot.state.lock().expect("slot lock");
         match result {
             Ok(token) => {
-                let refresh_in = self
-                    .policy
-                    .refresh_at(token.fetched_at, token.lifetime)
-                    .saturating_duration_since(Instant::now());
+                let refresh_in = token.refresh_at.saturating_duration_since(Instant::now());
                 tracing::info!(
                     route = %self.route, token = self.kind, key = %slot.key, ?reason,
                     lifetime_s = token.lifetime.as_secs(), refresh_in_s = refresh_in.as_secs(),
@@ -552,6 +567,9 @@ impl TokenSource {
                     .max(e.retry_after.unwrap_or_default());
                 tracing::warn!(route = %self.route, token = self.kind, key = %slot.key, ?reason, error = %e.message, retry_in_s = wait.as_secs_f32(), "token fetch failed");
                 st.backoff = backoff;
+                // Waiting requests get the fast 503 (`failing`); the key stays wanted only if
+                // a request asks again.
+                st.wanted = false;
                 st.retry_at = Some(Instant::now() + wait);
                 st.last_error = Some(e.message);
                 st.fetches_failed += 1;
@@ -591,6 +609,7 @@ impl TokenSource {
             expires_at: fetched_at + lifetime,
             expires_at_wall: now_wall + lifetime,
             lifetime,
+            refresh_at: self.policy.refresh_at(fetched_at, lifetime),
         })
     }
 }
@@ -620,14 +639,14 @@ async fn refresher(source: Weak<TokenSource>, slot: Weak<Slot>, wake: Arc<Notify
                 (Some(_), Some(_)) => continue,
                 _ => return,
             },
-            Next::FetchAt(at, reason) => {
-                if at > Instant::now() {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at.into()) => {}
-                        _ = wake.notified() => continue,
-                    }
+            Next::FetchAt(at, reason) if at <= Instant::now() => reason,
+            // Sleep, then look again: by then the key may be wanted, or unwanted.
+            Next::FetchAt(at, _) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = wake.notified() => {}
                 }
-                reason
+                continue;
             }
         };
         let (Some(src), Some(slot)) = (source.upgrade(), slot.upgrade()) else {
@@ -742,6 +761,67 @@ mod tests {
         );
         assert_eq!(p.skew(Duration::from_secs(4)), Duration::from_millis(400));
         assert_eq!(p.skew(Duration::from_secs(3600)), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn refresh_before_is_clamped_between_back_to_back_and_too_late() {
+        let at = Instant::now();
+        let lifetime = Duration::from_secs(120);
+        // Longer than the lifetime: not a refetch loop, at least 10% of the lifetime later.
+        let mut p = Lifecycle::with_default_lifetime(lifetime);
+        p.refresh_before = Some(Duration::from_secs(300));
+        assert!(
+            p.refresh_at(at, lifetime) - at >= Duration::from_secs(12) - Duration::from_secs(3)
+        );
+        assert!(p.refresh_at(at, lifetime) > at);
+        // Shorter than the skew: still before the token stops being usable.
+        p.refresh_before = Some(Duration::from_secs(1));
+        let unusable_at = at + lifetime - p.skew(lifetime);
+        assert!(p.refresh_at(at, lifetime) < unusable_at);
+    }
+
+    struct Failing;
+
+    impl Fetch for Failing {
+        fn fetch<'a>(
+            &'a self,
+            _key: &'a str,
+            _reason: Reason,
+        ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send + 'a>> {
+            Box::pin(async { Err(FetchError::new("down")) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_per_request_key_is_forgotten_after_its_backoff() {
+        let mut policy = Lifecycle::with_default_lifetime(Duration::from_secs(60));
+        policy.backoff_min = Duration::from_millis(50);
+        policy.backoff_max = Duration::from_millis(100);
+        let source = Arc::new(TokenSource::new(
+            "r",
+            "test",
+            Arc::new(Failing),
+            policy,
+            None,
+        ));
+        let err = match source.get("ws_gone") {
+            Ok(_) => panic!("no token can be fetched"),
+            Err(wait) => wait.await.unwrap_err(),
+        };
+        assert!(err.to_string().contains("down"), "{err}");
+        assert_eq!(source.status().keys.len(), 1);
+        let mut forgotten = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if source.status().keys.is_empty() {
+                forgotten = true;
+                break;
+            }
+        }
+        assert!(
+            forgotten,
+            "the key and its refresher must go once nobody wants it"
+        );
     }
 
     #[test]

@@ -341,6 +341,38 @@ async fn revoked_token_is_rotated_once_and_the_request_replayed() {
 }
 
 #[tokio::test]
+async fn a_401_to_a_streamed_request_drops_the_token_for_the_next_one() {
+    let fake = fake_with_lifetime(Duration::from_secs(60));
+    let cg = start_oblien(&fake, WS_A_ON_DEMAND).await;
+    let before = echoed_authorization(&get(cg.addr(), "/w/files", &[]).await);
+    fake.revoke_workspace("ws_a");
+
+    // A chunked body is streamed, so it cannot be replayed: the 401 passes through...
+    let (tx, body) = channel_body();
+    let mut req = request(Method::POST, "/w/files/write", &[]);
+    *req.body_mut() = body;
+    let sending = tokio::spawn(async move {
+        tx.send(bytes::Bytes::from_static(b"streamed"))
+            .await
+            .unwrap();
+    });
+    let r = send(cg.addr(), req).await;
+    sending.await.unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+
+    // ...but the rejected token is dropped, so the next request carries a fresh one.
+    let next = get(cg.addr(), "/w/files", &[]).await;
+    assert_eq!(next.status, StatusCode::OK, "{}", next.text());
+    assert_ne!(echoed_authorization(&next), before);
+    assert_eq!(fake.calls(Endpoint::Rotate), 1);
+    assert_eq!(
+        fake.gateway_rejections(),
+        1,
+        "the next request did not meet a 401 first"
+    );
+}
+
+#[tokio::test]
 async fn token_rejected_again_after_rotation_returns_the_401() {
     let fake = fake_with_lifetime(Duration::from_secs(60));
     let cg = start_oblien(&fake, WS_A_ON_DEMAND).await;
