@@ -68,7 +68,6 @@ fn default_query_token_paths() -> Vec<String> {
 
 pub(super) fn build(spec: &OblienSpec, route: &str) -> Result<Arc<dyn Authenticator>, BuildError> {
     let api = Upstream::parse(&spec.api).map_err(|m| BuildError::new("api", m))?;
-
     let seg_ok = |s: &str| {
         !s.is_empty()
             && s.chars()
