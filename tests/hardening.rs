@@ -55,42 +55,6 @@ fn config_with(server: &str, routes: &str) -> String {
     format!("[server]\nlisten = \"127.0.0.1:0\"\n{server}\n{routes}")
 }
 
-/// An `oblien_gateway` route "ws" on `/w` for one fixed workspace, fetching from `fake` and
-/// forwarding to its gateway; `keys` are more `[route.auth]` lines.
-fn oblien_route(fake: &FakeOblien, workspace: &str, keys: &str) -> String {
-    format!(
-        r#"[[route]]
-name = "ws"
-prefix = "/w"
-upstream = "http://{gateway}"
-[route.auth]
-type = "oblien_gateway"
-api = "http://{api}"
-workspace_id = "{workspace}"
-client_id = "{id}"
-client_secret = "{secret}"
-fetch_timeout = "2s"
-{keys}
-"#,
-        gateway = fake.gateway_addr(),
-        api = fake.api_addr(),
-        id = fake.options().client_id,
-        secret = fake.options().client_secret,
-    )
-}
-
-/// Asserts `r` is credgate's own error `code` with `status` for `route`; returns its message.
-fn credgate_error(r: &Reply, status: StatusCode, code: &str, route: Option<&str>) -> String {
-    assert_eq!(r.status, status, "{}", r.text());
-    let v = r.json();
-    assert_eq!(
-        (&v["error"], &v["route"]),
-        (&json!(code), &json!(route)),
-        "{v}"
-    );
-    v["message"].as_str().expect("a message").to_owned()
-}
-
 /// GETs `path` from the admin listener and returns the body.
 async fn admin_get(admin: SocketAddr, path: &str) -> String {
     let r = get(admin, path, &[]).await;

@@ -51,29 +51,6 @@ headers = {{ "X-Api-Key" = {key} }}
     )
 }
 
-/// An `oblien_gateway` route "ws" on `/w` for the fixed workspace `ws_a` (prefetched), fetching
-/// from `fake` and forwarding to its gateway.
-fn ws_route(fake: &FakeOblien) -> String {
-    format!(
-        r#"[[route]]
-name = "ws"
-prefix = "/w"
-upstream = "http://{gateway}"
-[route.auth]
-type = "oblien_gateway"
-api = "http://{api}"
-workspace_id = "ws_a"
-client_id = "{id}"
-client_secret = "{secret}"
-fetch_timeout = "2s"
-"#,
-        gateway = fake.gateway_addr(),
-        api = fake.api_addr(),
-        id = fake.options().client_id,
-        secret = fake.options().client_secret,
-    )
-}
-
 /// TOML for a literal string.
 fn lit(s: &str) -> String {
     format!("\"{s}\"")
@@ -388,7 +365,7 @@ async fn readyz_follows_whether_the_route_has_a_usable_token() {
     })
     .expect("start the fake");
     fake.set_token_endpoint_down(true);
-    let cg = start_in_process(&(server("") + &ws_route(&fake))).await;
+    let cg = start_in_process(&(server("") + &oblien_route(&fake, "ws_a", ""))).await;
 
     // The prefetch fails: not ready, naming the route and the token endpoint's answer.
     let body = eventually("the failed prefetch shows in /readyz", WAIT, || async {
@@ -449,7 +426,8 @@ async fn readyz_follows_whether_the_route_has_a_usable_token() {
 async fn metrics_parse_as_prometheus_text_and_count_exactly_the_requests_sent() {
     let fake = FakeOblien::start(FakeOptions::default()).expect("start the fake");
     let up = Upstream::echo().await;
-    let toml = server("") + &api_route(&up.url(), &lit("key-one")) + &ws_route(&fake);
+    let toml =
+        server("") + &api_route(&up.url(), &lit("key-one")) + &oblien_route(&fake, "ws_a", "");
     let cg = start_in_process(&toml).await;
     eventually("the prefetched token", WAIT, || async {
         (readyz(cg.admin_addr()).await.0 == StatusCode::OK).then_some(())
@@ -532,7 +510,7 @@ async fn admin_pages_show_no_secret_and_no_token() {
     let up = Upstream::echo().await;
     let toml = server(&format!("local_token = \"{LOCAL_TOKEN}\""))
         + &api_route(&up.url(), &lit(API_KEY))
-        + &ws_route(&fake);
+        + &oblien_route(&fake, "ws_a", "");
     let cg = start_in_process(&toml).await;
     let auth = format!("Bearer {LOCAL_TOKEN}");
     let proxy_auth = [("proxy-authorization", auth.as_str())];
@@ -1061,8 +1039,8 @@ headers = {{ "X-Api-Key" = "key-two" }}
 #[tokio::test]
 async fn a_path_refused_by_policy_fetches_no_token() {
     let fake = FakeOblien::start(FakeOptions::default()).expect("start the fake");
-    let route =
-        ws_route(&fake).replace("[route.auth]", "deny_paths = [\"/admin/**\"]\n[route.auth]");
+    let route = oblien_route(&fake, "ws_a", "")
+        .replace("[route.auth]", "deny_paths = [\"/admin/**\"]\n[route.auth]");
     let cg = start_in_process(&(server("") + &route + "prefetch = false\n")).await;
 
     // While the token endpoint is down, and then while it is up.
@@ -1096,7 +1074,7 @@ async fn health_command_exits_0_when_ready_and_1_otherwise() {
 
     let fake = FakeOblien::start(FakeOptions::default()).expect("start the fake");
     fake.set_token_endpoint_down(true);
-    let waiting = start_in_process(&(server("") + &ws_route(&fake))).await;
+    let waiting = start_in_process(&(server("") + &oblien_route(&fake, "ws_a", ""))).await;
     let out = run_credgate(&["health", "--admin", &waiting.admin_addr().to_string()]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");

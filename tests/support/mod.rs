@@ -1087,3 +1087,41 @@ pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
 }
+
+// ---------------------------------------------------------------- shared assertions and routes
+
+/// Asserts `r` is credgate's own error `code` with `status` for `route`; returns its message.
+pub fn credgate_error(r: &Reply, status: StatusCode, code: &str, route: Option<&str>) -> String {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (&v["error"], &v["route"]),
+        (&json!(code), &json!(route)),
+        "{v}"
+    );
+    v["message"].as_str().expect("a message").to_owned()
+}
+
+/// An `oblien_gateway` route "ws" on `/w` for one fixed workspace, fetching from `fake` and
+/// forwarding to its gateway; `keys` are more `[route.auth]` lines.
+pub fn oblien_route(fake: &credgate::fake::FakeOblien, workspace: &str, keys: &str) -> String {
+    format!(
+        r#"[[route]]
+name = "ws"
+prefix = "/w"
+upstream = "http://{gateway}"
+[route.auth]
+type = "oblien_gateway"
+api = "http://{api}"
+workspace_id = "{workspace}"
+client_id = "{id}"
+client_secret = "{secret}"
+fetch_timeout = "2s"
+{keys}
+"#,
+        gateway = fake.gateway_addr(),
+        api = fake.api_addr(),
+        id = fake.options().client_id,
+        secret = fake.options().client_secret,
+    )
+}
