@@ -113,6 +113,11 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive (for a handshake).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the few headers present is cheaper than a hash
+    // lookup per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Every Connection header counts, not only the first.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

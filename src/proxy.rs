@@ -147,8 +147,8 @@ impl Proxy {
             path = uri.path(),
             status = res.status().as_u16(),
             attempts = outcome.attempts,
-            upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1e3),
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
+            total_us = started.elapsed().as_micros() as u64,
             "request"
         );
         res
