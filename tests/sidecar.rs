@@ -33,6 +33,15 @@ use tokio::sync::watch;
 // ---------------------------------------------------------------- configs
 
 /// `[server]` on 127.0.0.1:0 with an admin listener, plus `extra` lines.
+/// `credgate_config_reloads_total{result=...}` in a scrape.
+fn config_reloads(metrics: &[Sample], result: &str) -> Option<f64> {
+    metric(
+        metrics,
+        "credgate_config_reloads_total",
+        &[("result", result)],
+    )
+}
+
 fn server(extra: &str) -> String {
     format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{extra}\n")
 }
@@ -657,13 +666,7 @@ async fn sighup_reloads_a_changed_header_while_a_stream_in_flight_completes() {
     assert_eq!(cg.records("config reloaded").len(), 1, "{}", cg.logs());
     assert!(cg.records("config reload rejected").is_empty());
     let metrics = scrape(addrs["admin"]).await;
-    let reloads = |result| {
-        metric(
-            &metrics,
-            "credgate_config_reloads_total",
-            &[("result", result)],
-        )
-    };
+    let reloads = |result| config_reloads(&metrics, result);
     assert_eq!(reloads("ok"), Some(1.0));
 }
 
@@ -703,13 +706,7 @@ async fn a_rotated_secret_file_is_used_without_a_signal() {
         "once switched, only the new key is sent: {keys:?}"
     );
     let metrics = scrape(cg.admin_addr()).await;
-    let reloads = |result| {
-        metric(
-            &metrics,
-            "credgate_config_reloads_total",
-            &[("result", result)],
-        )
-    };
+    let reloads = |result| config_reloads(&metrics, result);
     assert_eq!(reloads("ok"), Some(1.0), "one rename, one reload");
     assert_eq!(reloads("failed"), None);
     let reloaded = records(&cg.logs(), "config reloaded");
@@ -747,13 +744,7 @@ async fn a_broken_config_is_rejected_and_the_old_one_keeps_serving() {
     assert_eq!(up.count(), 2);
     assert_eq!(key_of(&up, 1), "key-one", "the old config still serves");
     let metrics = scrape(cg.admin_addr()).await;
-    let reloads = |result| {
-        metric(
-            &metrics,
-            "credgate_config_reloads_total",
-            &[("result", result)],
-        )
-    };
+    let reloads = |result| config_reloads(&metrics, result);
     assert_eq!(reloads("failed"), Some(1.0));
     assert_eq!(reloads("ok"), None);
     assert!(

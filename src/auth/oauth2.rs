@@ -10,7 +10,7 @@ use base64::Engine;
 use http::{header, Method, Request};
 use serde::Deserialize;
 
-use super::tokens::{Keying, LifecycleKeys, TokenAuth};
+use super::tokens::{lifecycle_keys, Keying, TokenAuth};
 use super::{Authenticator, BuildError};
 use crate::config::Upstream;
 use crate::forward::HttpClient;
@@ -79,14 +79,7 @@ pub(super) fn build(spec: &OAuth2Spec, route: &str) -> Result<Arc<dyn Authentica
             ));
         }
     }
-    let policy = LifecycleKeys {
-        default_lifetime: spec.default_lifetime,
-        refresh_before: spec.refresh_before,
-        skew: spec.skew,
-        prefetch: spec.prefetch,
-        fetch_timeout: spec.fetch_timeout,
-    }
-    .check(Duration::from_secs(3600))?;
+    let policy = lifecycle_keys!(spec).check(Duration::from_secs(3600))?;
     let fetcher = OAuth2Fetcher {
         client: super::oblien::token_client()?,
         token_url,

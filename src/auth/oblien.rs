@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Method, Request};
 use serde::Deserialize;
 
-use super::tokens::{Keying, LifecycleKeys, TokenAuth};
+use super::tokens::{lifecycle_keys, Keying, TokenAuth};
 use super::{Authenticator, BuildError};
 use crate::config::{Timeouts, Upstream};
 use crate::forward::{Clients, HttpClient};
@@ -117,14 +117,7 @@ pub(super) fn build(spec: &OblienSpec, route: &str) -> Result<Arc<dyn Authentica
         OblienToken::Workspace => ("oblien workspace", Duration::from_secs(30 * 24 * 3600)),
         OblienToken::Raw => ("oblien raw", Duration::from_secs(3600)),
     };
-    let policy = LifecycleKeys {
-        default_lifetime: spec.default_lifetime,
-        refresh_before: spec.refresh_before,
-        skew: spec.skew,
-        prefetch: spec.prefetch,
-        fetch_timeout: spec.fetch_timeout,
-    }
-    .check(default_lifetime)?;
+    let policy = lifecycle_keys!(spec).check(default_lifetime)?;
     let fetcher = OblienFetcher {
         client: token_client()?,
         api,

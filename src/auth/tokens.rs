@@ -144,6 +144,22 @@ impl Authenticator for TokenAuth {
     }
 }
 
+/// The lifecycle keys of a token type's spec. Each spec declares these fields itself
+/// (`default_lifetime`, `refresh_before`, `skew`, `prefetch`, `fetch_timeout`) because serde's
+/// `flatten` cannot be combined with `deny_unknown_fields`; this reads them in one place.
+macro_rules! lifecycle_keys {
+    ($spec:expr) => {
+        $crate::auth::tokens::LifecycleKeys {
+            default_lifetime: $spec.default_lifetime,
+            refresh_before: $spec.refresh_before,
+            skew: $spec.skew,
+            prefetch: $spec.prefetch,
+            fetch_timeout: $spec.fetch_timeout,
+        }
+    };
+}
+pub(super) use lifecycle_keys;
+
 /// The lifecycle keys every token type accepts, as written (all optional).
 pub struct LifecycleKeys {
     pub default_lifetime: Option<Duration>,
