@@ -128,6 +128,9 @@ impl Server {
         });
         // Before any listener accepts: a SIGHUP must never meet the default action (exit).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        // Watching starts before any listener is announced, so no edit made after that is missed.
+        let (changes, changed) = mpsc::unbounded_channel::<&'static str>();
+        let watcher = watch_files(&self.files, changes.clone());
         ctx.shared.proxy.load().start();
         for l in self.listeners {
             ctx.spawn(l);
@@ -137,6 +140,7 @@ impl Server {
             self.config_path,
             self.files,
             hangups.ok(),
+            (changes, changed, watcher),
         ));
 
         shutdown.await;
@@ -428,8 +432,12 @@ async fn reloader(
     path: PathBuf,
     mut files: Vec<PathBuf>,
     hangups: Option<tokio::signal::unix::Signal>,
+    (tx, mut rx, mut watcher): (
+        mpsc::UnboundedSender<&'static str>,
+        mpsc::UnboundedReceiver<&'static str>,
+        Option<notify::RecommendedWatcher>,
+    ),
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<&'static str>();
     let hup = tx.clone();
     let signals = tokio::spawn(async move {
         let Some(mut s) = hangups else { return };
@@ -437,7 +445,6 @@ async fn reloader(
             let _ = hup.send("SIGHUP");
         }
     });
-    let mut watcher = watch_files(&files, tx.clone());
     while let Some(why) = rx.recv().await {
         // Editors and secret managers write in bursts: let the burst finish.
         tokio::time::sleep(Duration::from_millis(250)).await;
