@@ -8,10 +8,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
+
+use crate::pool::Lease;
 
 /// A response body: the upstream's, passed through (with an idle deadline), or one credgate
 /// holds (its own error bodies).
@@ -34,18 +36,38 @@ pub fn empty<S>() -> Either<S, Full<Bytes>> {
 /// The upstream's response body, passed through as it arrives. Fails (so hyper aborts the
 /// caller's response) when the upstream stays silent longer than `idle` mid-body; the timer
 /// is only armed once a read has to wait, so a body that is already there costs nothing.
+///
+/// With a lease, the upstream connection goes back to its pool once the body has ended (a
+/// body dropped before its end closes the connection instead).
 pub struct IdleLimited {
     inner: Incoming,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
+    lease: Option<Lease>,
 }
 
 impl IdleLimited {
-    pub fn new(inner: Incoming, idle: Duration) -> Self {
+    pub fn new(inner: Incoming, idle: Duration, lease: Option<Lease>) -> Self {
         Self {
             inner,
             idle,
             timer: None,
+            lease,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+impl Drop for IdleLimited {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended, so this is where most end.
+        if self.inner.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -67,6 +89,9 @@ impl http_body::Body for IdleLimited {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.timer = None;
+                if frame.is_none() {
+                    this.release();
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {

@@ -3,7 +3,8 @@
 use std::sync::{Arc, OnceLock};
 
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, Uri};
+use http::{header, HeaderMap, HeaderName, Request, Response, Uri};
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -13,6 +14,7 @@ use rustls::RootCertStore;
 
 use crate::body::UpstreamBody;
 use crate::config::{Timeouts, Upstream};
+use crate::pool::{H1Pool, Lease, PoolError};
 
 /// Idle connections kept per upstream (as nginx's `keepalive 128`): a burst of concurrent
 /// requests opens as many connections as it needs, but only this many stay open afterwards.
@@ -21,15 +23,99 @@ const MAX_IDLE_PER_UPSTREAM: usize = 128;
 /// A pooled upstream client: HTTP/1.1, or HTTP/2 where the upstream offers it via ALPN.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// The clients of one route: `pooled` for ordinary requests, `http1` for upgrades
-/// (WebSocket handshakes need HTTP/1.1 even where the upstream speaks HTTP/2).
+/// The clients of one route: `plain` for ordinary requests to the route's own `http://`
+/// upstream, `pooled` for the others, `http1` for upgrades (WebSocket handshakes need
+/// HTTP/1.1 even where the upstream speaks HTTP/2).
 #[derive(Clone)]
 pub struct Clients {
     pub pooled: HttpClient,
     pub http1: HttpClient,
+    plain: Option<Arc<H1Pool>>,
+}
+
+/// Why an exchange with an upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    /// Whether the connection could not be made (nothing reached the upstream).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Pool(e) => e.is_connect(),
+            Self::Client(e) => e.is_connect(),
+        }
+    }
+
+    /// Whether a reused connection closed as the request went out (see [`PoolError::is_stale`]).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Self::Pool(e) if e.is_stale())
+    }
+
+    /// The message with all its causes, for a log line (none of them names a secret).
+    pub fn chain(&self) -> String {
+        let mut chain = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            src = s.source();
+        }
+        chain
+    }
 }
 
 impl Clients {
+    /// The clients for a route whose own upstream is `upstream`.
+    pub fn for_route(
+        upstream: &Upstream,
+        timeouts: &Timeouts,
+        ca: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Self, rustls::Error> {
+        let mut clients = Self::new(timeouts, ca)?;
+        if upstream.scheme == http::uri::Scheme::HTTP {
+            clients.plain = Some(Arc::new(H1Pool::new(
+                &upstream.host,
+                upstream.port,
+                timeouts.connect,
+                timeouts.idle,
+                MAX_IDLE_PER_UPSTREAM,
+            )));
+        }
+        Ok(clients)
+    }
+
+    /// Sends `req`, whose URI is origin-form (`/path?query`), to `upstream`; `own` says whether
+    /// that is the route's own upstream. Returns the response and, for a pooled plaintext
+    /// connection, the lease to hand back once the response body has been read.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        own: bool,
+        upgrade: bool,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        if let (Some(pool), true, false) = (&self.plain, own, upgrade) {
+            let (res, lease) = pool.send(req).await?;
+            return Ok((res, Some(lease)));
+        }
+        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        uri.scheme = Some(upstream.scheme.clone());
+        uri.authority = Some(upstream.authority.clone());
+        *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path are set");
+        let client = if upgrade { &self.http1 } else { &self.pooled };
+        Ok((client.request(req).await?, None))
+    }
+
+    /// Idle connections held for the route's own plaintext upstream.
+    pub fn idle_plain(&self) -> usize {
+        self.plain.as_ref().map_or(0, |p| p.idle_count())
+    }
+
     pub fn new(
         timeouts: &Timeouts,
         ca: Option<&[CertificateDer<'static>]>,
@@ -58,6 +144,7 @@ impl Clients {
         Ok(Self {
             pooled: build(true),
             http1: build(false),
+            plain: None,
         })
     }
 }
@@ -162,6 +249,20 @@ pub fn upstream_uri(
     path: &str,
     query: Option<&str>,
 ) -> Result<Uri, http::Error> {
+    Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(path_and_query(up, base, path, query)?)
+        .build()
+}
+
+/// The upstream request target: `[base]path[?query]`.
+pub fn path_and_query(
+    up: &Upstream,
+    base: bool,
+    path: &str,
+    query: Option<&str>,
+) -> Result<PathAndQuery, http::uri::InvalidUri> {
     let base = if base { up.base_path.as_str() } else { "" };
     let path = if path.is_empty() && base.is_empty() {
         "/"
@@ -175,11 +276,7 @@ pub fn upstream_uri(
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))?)
-        .build()
+    PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))
 }
 
 #[cfg(test)]

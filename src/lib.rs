@@ -11,7 +11,8 @@
 //! - [`token`]: the lifecycle every fetched token shares: cache, refresh, single-flight, backoff.
 //! - [`retry`]: 429/Retry-After handling, the per-route cool-down gate and client-side pacing.
 //! - [`proxy`]: the request path, top to bottom.
-//! - [`forward`]: the upstream client, hop-by-hop headers, upstream URIs.
+//! - [`forward`]: the upstream clients, hop-by-hop headers, upstream URIs.
+//! - [`pool`]: reused HTTP/1.1 connections to a plaintext upstream.
 //! - [`server`]: listeners, connections, reload on SIGHUP or file change, graceful shutdown.
 //! - [`admin`]: the admin listener: health, readiness, metrics, status.
 //! - [`metrics`]: Prometheus metrics.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod fake;
 pub mod forward;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod retry;
 pub mod route;

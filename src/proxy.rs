@@ -86,8 +86,9 @@ impl Proxy {
                         }
                     }
                 }
-                let clients = Clients::new(&route.timeouts, route.ca.as_deref())
-                    .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
+                let clients =
+                    Clients::for_route(&route.upstream, &route.timeouts, route.ca.as_deref())
+                        .map_err(|e| crate::StartError::Tls(route.name.to_string(), e))?;
                 Ok(RouteState {
                     clients,
                     // The gate is the upstream's word: kept only while the upstream is the same.
@@ -206,6 +207,7 @@ impl Proxy {
         let mut body = ReqBody::Once(Some(body));
         let mut attempt = 0;
         let mut refreshed = false;
+        let mut resent = false;
         loop {
             attempt += 1;
             out.attempts = attempt;
@@ -235,8 +237,8 @@ impl Proxy {
                 Some(t) => Some(with_token_param(uri.query(), t.expose())),
                 None => uri.query().map(str::to_owned),
             };
-            let up_uri =
-                forward::upstream_uri(upstream, matched.add_base_path, path, query.as_deref())
+            let target =
+                forward::path_and_query(upstream, matched.add_base_path, path, query.as_deref())
                     .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
             let mut headers = if body.replayable() {
                 parts.headers.clone()
@@ -251,28 +253,40 @@ impl Proxy {
             }
             let mut up_req = Request::new(body.next());
             *up_req.method_mut() = parts.method.clone();
-            *up_req.uri_mut() = up_uri;
+            *up_req.uri_mut() = target.into();
             *up_req.version_mut() = Version::HTTP_11;
             *up_req.headers_mut() = headers;
 
             // 6. Forward.
-            let client = if upgrade {
-                &state.clients.http1
-            } else {
-                &state.clients.pooled
-            };
+            let own = grant.upstream.is_none();
             let sent = Instant::now();
-            let result = tokio::time::timeout(route.timeouts.request, client.request(up_req))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
+            let result = tokio::time::timeout(
+                route.timeouts.request,
+                state.clients.send(upstream, own, upgrade, up_req),
+            )
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
             out.upstream = Some(sent.elapsed());
-            let res = match result {
-                Ok(res) => res,
+            let (res, lease) = match result {
+                Ok(sent) => sent,
                 Err(e) if body.caller_failed() => {
                     tracing::debug!(route = %route.name, error = %e, "the caller's request body failed");
                     return Err(ProxyError::BadRequest(
                         "the request body was malformed or ended early",
                     ));
+                }
+                // The upstream closed an idle connection just as this went out on it: once, at
+                // once, on a new connection, if repeating it is safe.
+                Err(e)
+                    if e.is_stale()
+                        && !resent
+                        && body.replayable()
+                        && parts.method.is_idempotent() =>
+                {
+                    tracing::debug!(route = %route.name, error = %e.chain(), "resending on a new connection");
+                    resent = true;
+                    attempt -= 1;
+                    continue;
                 }
                 Err(e) => {
                     let err = upstream_error(&route.name, e);
@@ -323,7 +337,7 @@ impl Proxy {
             }
 
             // 8. Respond.
-            return Ok(respond(res, client_upgrade, route));
+            return Ok(respond(res, lease, client_upgrade, route));
         }
     }
 }
@@ -417,6 +431,7 @@ fn prepare_headers(
 /// Passes the upstream's response on, tunnelling the connection if it switched protocols.
 fn respond(
     mut res: Response<Incoming>,
+    lease: Option<crate::pool::Lease>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     route: &Route,
 ) -> Response<Body> {
@@ -432,7 +447,7 @@ fn respond(
     forward::strip_hop_by_hop(&mut parts.headers, switching);
     Response::from_parts(
         parts,
-        Either::Left(body::IdleLimited::new(body, route.timeouts.request)),
+        Either::Left(body::IdleLimited::new(body, route.timeouts.request, lease)),
     )
 }
 
@@ -544,15 +559,8 @@ fn with_token_param(query: Option<&str>, token: &str) -> String {
 }
 
 /// Logs why the upstream failed (the error chain names no secret) and classifies it.
-fn upstream_error(route: &str, e: hyper_util::client::legacy::Error) -> ProxyError {
-    let mut chain = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        src = s.source();
-    }
-    tracing::warn!(route, error = %chain, "upstream request failed");
+fn upstream_error(route: &str, e: forward::UpstreamError) -> ProxyError {
+    tracing::warn!(route, error = %e.chain(), "upstream request failed");
     if e.is_connect() {
         ProxyError::UpstreamUnreachable
     } else {

@@ -1,0 +1,236 @@
+//! HTTP/1.1 connections to one plaintext upstream, kept for reuse: a checkout is a pop, a
+//! connection comes back when its response body ends.
+//!
+//! hyper-util's pooled client does the same job for every upstream (TLS, HTTP/2, any host),
+//! and costs more per request for it: a keyed, hashed pool, a connect raced against every
+//! checkout. A route's own `http://` upstream (a sidecar neighbour, a local service) is the
+//! common case on the hot path, so it gets this; TLS upstreams keep the general client.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::body::UpstreamBody;
+
+/// The idle connections of one upstream, most recently used on top.
+pub struct H1Pool {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    conns: Vec<(SendRequest<UpstreamBody>, Instant)>,
+    /// Whether the task that closes long-idle connections runs.
+    reaping: bool,
+}
+
+/// A connection lent to one exchange. [`Lease::release`] hands it back once the response
+/// has been read to its end; dropped otherwise, it closes the connection.
+pub struct Lease {
+    conn: SendRequest<UpstreamBody>,
+    pool: Arc<H1Pool>,
+}
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to {0} failed")]
+    Connect(String, #[source] std::io::Error),
+    #[error("connecting to {0} timed out after {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("HTTP/1.1 handshake with {0} failed")]
+    Handshake(String, #[source] hyper::Error),
+    #[error("the exchange with the upstream failed")]
+    Exchange {
+        #[source]
+        error: hyper::Error,
+        /// Whether the connection had served a request before.
+        reused: bool,
+    },
+}
+
+impl PoolError {
+    /// Whether nothing reached the upstream (so a kept body may be replayed).
+    pub fn is_connect(&self) -> bool {
+        !matches!(self, Self::Exchange { .. })
+    }
+
+    /// Whether a reused connection closed before any response: the upstream closing an idle
+    /// connection just as a request went out on it. The request was sent, so only one that is
+    /// safe to repeat may be sent again.
+    pub fn is_stale(&self) -> bool {
+        let Self::Exchange {
+            error,
+            reused: true,
+        } = self
+        else {
+            return false;
+        };
+        // A close (EOF) or a reset (the upstream closed with our request unread).
+        let reset = std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                )
+            });
+        error.is_incomplete_message() || reset
+    }
+}
+
+impl H1Pool {
+    pub fn new(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::default(),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one.
+    ///
+    /// A connection the upstream closed while idle can fail a request before any of it was
+    /// written; hyper hands such a request back, and it is sent once more on a new connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        let mut req = req;
+        loop {
+            let (mut conn, fresh) = match self.checkout() {
+                Some(conn) => (conn, false),
+                None => (self.connect().await?, true),
+            };
+            // A connection just handed back may not have finished reading its last response.
+            if !fresh && conn.ready().await.is_err() {
+                continue;
+            }
+            match conn.try_send_request(req).await {
+                Ok(res) => {
+                    let lease = Lease {
+                        conn,
+                        pool: self.clone(),
+                    };
+                    return Ok((res, lease));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => req = unsent,
+                    _ => {
+                        return Err(PoolError::Exchange {
+                            error: e.into_error(),
+                            reused: !fresh,
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    /// The most recently used connection that is still open.
+    fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, since)) = idle.conns.pop() {
+            if since.elapsed() >= self.idle_timeout {
+                // Everything below is older still.
+                idle.conns.clear();
+                return None;
+            }
+            if !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<UpstreamBody>, PoolError> {
+        let name = || format!("{}:{}", self.host, self.port);
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| PoolError::ConnectTimeout(name(), self.connect_timeout))?
+        .map_err(|e| PoolError::Connect(name(), e))?;
+        let _ = stream.set_nodelay(true);
+        let (conn, driver) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| PoolError::Handshake(name(), e))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(conn)
+    }
+
+    fn put(self: &Arc<Self>, conn: SendRequest<UpstreamBody>) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.conns.len() < self.max_idle {
+            idle.conns.push((conn, Instant::now()));
+        }
+        if !idle.reaping {
+            idle.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
+    }
+
+    /// Idle connections now held (for tests and status).
+    pub fn idle_count(&self) -> usize {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conns
+            .len()
+    }
+}
+
+impl Lease {
+    /// Hands the connection back for the next request.
+    pub fn release(self) {
+        self.pool.clone().put(self.conn);
+    }
+}
+
+/// Closes connections idle for longer than the pool's idle timeout, until the pool is gone
+/// (a reload that drops the route drops its pool, and with it this task's last reference).
+async fn reap(pool: Weak<H1Pool>) {
+    let Some(every) = pool.upgrade().map(|p| p.idle_timeout / 2) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = pool.idle_timeout;
+        idle.conns
+            .retain(|(conn, since)| since.elapsed() < timeout && !conn.is_closed());
+    }
+}

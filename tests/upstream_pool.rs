@@ -1,0 +1,209 @@
+//! Upstream connection reuse for plaintext upstreams: credgate against a raw TCP upstream on
+//! 127.0.0.1 that counts the connections it accepts and sees closed.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use http_body_util::BodyExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How the raw upstream treats a connection after answering.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    /// Keeps it open for the next request.
+    KeepAlive,
+    /// Closes it 20 ms later, without saying so (as an upstream's idle timeout does).
+    Close,
+}
+
+/// A raw HTTP/1.1 upstream: answers each GET with `conn-<n> req-<k>` (which connection, which
+/// request on it), or, for `/big`, with `BIG` bytes sent in slices while the reader keeps up.
+struct RawUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+const BIG: usize = 8 << 20;
+
+impl RawUpstream {
+    async fn start(after: After, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, c) = (accepted.clone(), closed.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let n = a.fetch_add(1, Ordering::SeqCst) + 1;
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut k = 0;
+                    loop {
+                        // Read one request head (GETs only: no body).
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break Some(i + 4);
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => break None,
+                                Ok(r) => buf.extend_from_slice(&chunk[..r]),
+                            }
+                        };
+                        let Some(end) = head_end else {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end);
+                        k += 1;
+                        tokio::time::sleep(delay).await;
+                        let ok = if head.starts_with("GET /big ") {
+                            let hdr = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                            let mut ok = s.write_all(hdr.as_bytes()).await.is_ok();
+                            let slice = vec![b'x'; 64 * 1024];
+                            for _ in 0..BIG / slice.len() {
+                                ok = ok && s.write_all(&slice).await.is_ok();
+                            }
+                            ok
+                        } else {
+                            let body = format!("conn-{n} req-{k}");
+                            let res = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            s.write_all(res.as_bytes()).await.is_ok()
+                        };
+                        if !ok || after == After::Close {
+                            if ok {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            closed,
+            _task: task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+fn config(up: &RawUpstream, extra: &str) -> String {
+    shared_config(&format!(
+        "[[route]]\nname = \"raw\"\nprefix = \"/\"\nupstream = \"http://{}\"\n{extra}\nauth = {{ type = \"none\" }}\n",
+        up.addr
+    ))
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = RawUpstream::start(After::KeepAlive, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    for k in 1..=30 {
+        let r = get(cg.addr(), "/x", &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.text(), format!("conn-1 req-{k}"));
+    }
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_open_connections_that_are_then_kept() {
+    let up = RawUpstream::start(After::KeepAlive, Duration::from_millis(200)).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    for round in 0..3 {
+        let all = (0..8).map(|_| get(cg.addr(), "/x", &[]));
+        for r in futures_util::future::join_all(all).await {
+            assert_eq!(r.status, StatusCode::OK, "round {round}: {}", r.text());
+        }
+    }
+    // 8 at a time need 8 connections; later rounds reuse them.
+    assert_eq!(up.accepted(), 8);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    let up = RawUpstream::start(After::Close, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    for k in 1..=20u64 {
+        // Some land just as the upstream closes, some after; none may fail.
+        tokio::time::sleep(Duration::from_millis(k % 4 * 10)).await;
+        let r = get(cg.addr(), "/x", &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "request {k}: {}", r.text());
+        assert_eq!(r.text(), format!("conn-{} req-1", up.accepted()));
+    }
+    assert_eq!(up.accepted(), 20);
+}
+
+#[tokio::test]
+async fn a_response_the_caller_abandoned_never_reaches_the_next_caller() {
+    let up = RawUpstream::start(After::KeepAlive, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    let res = open(cg.addr(), request(http::Method::GET, "/big", &[])).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    drop(body);
+    // The half-read connection is closed, not handed to the next request.
+    for _ in 0..5 {
+        let r = get(cg.addr(), "/x", &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.text().starts_with("conn-2 "), "{}", r.text());
+    }
+    poll_until(|| (up.closed() == 1).then_some(()))
+        .await
+        .expect("the abandoned upstream connection is closed");
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_close_after_idle_timeout() {
+    let up = RawUpstream::start(After::KeepAlive, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "idle_timeout = \"300ms\"")).await;
+    assert_eq!(get(cg.addr(), "/x", &[]).await.status, StatusCode::OK);
+    assert_eq!(up.closed(), 0);
+    poll_until(|| (up.closed() == 1).then_some(()))
+        .await
+        .expect("the idle connection is closed by credgate");
+    // And the next request opens a new one.
+    assert_eq!(get(cg.addr(), "/x", &[]).await.text(), "conn-2 req-1");
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_502_naming_no_detail() {
+    let addr = closed_port();
+    let cg = start_in_process(&shared_config(&format!(
+        "[[route]]\nname = \"raw\"\nprefix = \"/\"\nupstream = \"http://{addr}\"\nauth = {{ type = \"none\" }}\n"
+    )))
+    .await;
+    let r = get(cg.addr(), "/x", &[]).await;
+    let body = credgate_error(
+        &r,
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+        Some("raw"),
+    );
+    assert!(!body.contains("refused"), "{body}");
+}
