@@ -72,7 +72,11 @@ fn main() -> ExitCode {
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
-    let runtime = runtime.enable_all().build().expect("tokio runtime");
+    let runtime = runtime
+        .enable_all()
+        .on_thread_park(telemetry::flush_thread)
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(async move {
         match (cli.command, cli.config) {
             (Some(Command::Demo), _) => credgate::demo::run(shutdown_signal()).await,

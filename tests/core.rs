@@ -906,6 +906,64 @@ async fn trace_logs_never_contain_secrets() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_exactly_one_whole_log_line_none_lost_at_exit() {
+    let up = Upstream::echo().await;
+    let mut cg = start_binary(
+        &shared_config(&route("api", "/api", &up.url(), NO_AUTH)),
+        &[("CREDGATE_WORKERS", "2")],
+    )
+    .await;
+    // A lone request is logged promptly: its worker runs out of work right after.
+    assert_eq!(get(cg.addr(), "/api/one", &[]).await.status, StatusCode::OK);
+    let logged = poll_until(|| {
+        cg.log_lines()
+            .iter()
+            .any(|l| l["message"] == "request" && l["path"] == "/api/one")
+            .then_some(())
+    });
+    tokio::time::timeout(Duration::from_secs(1), logged)
+        .await
+        .expect("the line of a lone request is written within a second")
+        .expect("the lone request is logged");
+
+    // Then many at once, from 2 workers batching their lines.
+    let addr = cg.addr();
+    let clients = (0..20).map(|c| {
+        tokio::spawn(async move {
+            for i in 0..100 {
+                let r = get(addr, &format!("/api/c{c}/{i}"), &[]).await;
+                assert_eq!(r.status, StatusCode::OK);
+            }
+        })
+    });
+    for c in futures_util::future::join_all(clients).await {
+        c.unwrap();
+    }
+    cg.signal("TERM");
+    assert!(cg.wait_exit().await.success());
+    let lines = cg.log_lines();
+    let mut paths: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["message"] == "request")
+        .filter_map(|l| l["path"].as_str())
+        .collect();
+    paths.sort_unstable();
+    let mut want: Vec<String> = (0..20)
+        .flat_map(|c| (0..100).map(move |i| format!("/api/c{c}/{i}")))
+        .chain(["/api/one".to_owned()])
+        .collect();
+    want.sort_unstable();
+    assert_eq!(paths, want, "one line per request, each whole, none lost");
+    // Every line of the output is a whole JSON record.
+    let logs = cg.logs();
+    let broken: Vec<&str> = logs
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).is_err())
+        .collect();
+    assert!(broken.is_empty(), "torn lines: {broken:?}");
+}
+
 // ---------------------------------------------------------------- 13. shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
