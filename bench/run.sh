@@ -5,6 +5,8 @@
 #   bench/run.sh                          # 3 rounds x 10 s, one worker each
 #   ROUNDS=1 DURATION=5 bench/run.sh      # a quick look
 #   WORKERS=2 bench/run.sh                # two workers each (credgate --workers 2, nginx 2 processes)
+#   BASELINE_BIN=/tmp/credgate-old bench/run.sh   # also an older build, as target "baseline"
+#   CREDGATE_BIN=/path/credgate bench/run.sh      # measure this binary instead of building one
 #
 # Targets (all forwarding to one nginx upstream answering `return 200 "ok"`):
 #   nginx          nginx proxy, access_log off
@@ -37,9 +39,11 @@ if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-log "building credgate (release)"
-(cd "$ROOT" && cargo build --release -q)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/credgate
+if [ -z "${CREDGATE_BIN:-}" ]; then
+  log "building credgate (release)"
+  (cd "$ROOT" && cargo build --release -q)
+fi
+BIN=${CREDGATE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/credgate}
 
 # ---------------------------------------------------------------- processes
 rm -rf "$RUN" && mkdir -p "$RUN/tmp"
@@ -111,6 +115,7 @@ client_secret = { env = \"BENCH_OAUTH_SECRET\" }"
 cg_conf $((BASE + 3)) "$STATIC" > "$RUN/credgate.toml"
 cg_conf $((BASE + 4)) "$STATIC" > "$RUN/credgate-nolog.toml"
 cg_conf $((BASE + 5)) "$TOKEN" > "$RUN/credgate-token.toml"
+cg_conf $((BASE + 6)) "$STATIC" > "$RUN/baseline.toml"
 export BENCH_ID=test-id BENCH_SECRET=test-secret BENCH_OAUTH_ID=demo-oauth-client BENCH_OAUTH_SECRET=demo-oauth-secret
 wait_ok "http://127.0.0.1:$UP/"
 
@@ -132,6 +137,10 @@ start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/credgate-nolog.toml
 start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/credgate-token.toml" --workers "$WORKERS"
 NAMES=(nginx nginx-log credgate credgate-nolog credgate-token)
 PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)))
+if [ -n "${BASELINE_BIN:-}" ]; then
+  start baseline env RUST_LOG=info "$BASELINE_BIN" --config "$RUN/baseline.toml" --workers "$WORKERS"
+  NAMES+=(baseline); PORTS+=($((BASE + 6)))
+fi
 for i in "${!NAMES[@]}"; do
   wait_ok "http://127.0.0.1:${PORTS[$i]}/"
   got=$(curl -s "http://127.0.0.1:${PORTS[$i]}/__check")
