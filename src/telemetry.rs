@@ -7,11 +7,17 @@
 //! on a `write(2)`; when that thread falls behind, logging threads wait (no line is dropped).
 
 use std::cell::RefCell;
+use std::fmt::{self, Write as _};
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -52,13 +58,16 @@ pub fn init(format: LogFormat) -> LogGuard {
             std::io::stderr(),
         ));
     let _ = SINK.set(writer);
+    let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| Lines)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(terminal);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colours for a person at a terminal; otherwise the lean formatter below.
+        LogFormat::Pretty if terminal => builder.compact().try_init(),
+        LogFormat::Pretty => builder.event_format(Lean { json: false }).try_init(),
+        LogFormat::Json => builder.event_format(Lean { json: true }).try_init(),
     };
     LogGuard(guard)
 }
@@ -135,5 +144,287 @@ impl Write for Lines {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// The line formats, written straight into the line buffer (one per request, so it is lean):
+/// - text: `2026-11-23T13:22:21.503726Z  INFO credgate::proxy: request route="api" status=200`
+/// - JSON: `{"timestamp":"…","level":"INFO","message":"request","route":"api",…,"target":"…"}`
+///
+/// credgate logs no spans, so only the event's own fields are written. Strings are quoted and
+/// escaped in both formats, so no value can forge a line.
+struct Lean {
+    json: bool,
+}
+
+impl<S, N> FormatEvent<S, N> for Lean
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        if self.json {
+            w.write_str("{\"timestamp\":\"")?;
+            timestamp(&mut w)?;
+            write!(w, "\",\"level\":\"{}\"", meta.level())?;
+            let mut fields = Fields {
+                w: &mut w,
+                rest: None,
+                result: Ok(()),
+            };
+            event.record(&mut fields);
+            fields.result?;
+            w.write_str(",\"target\":")?;
+            json_str(&mut w, meta.target())?;
+            w.write_str("}\n")
+        } else {
+            timestamp(&mut w)?;
+            write!(w, " {:>5} {}:", meta.level(), meta.target())?;
+            // The message first, then the other fields in order: they are gathered aside while
+            // the message (which tracing records last) is written.
+            thread_local! {
+                static REST: RefCell<String> = const { RefCell::new(String::new()) };
+            }
+            REST.with_borrow_mut(|rest| {
+                rest.clear();
+                let mut fields = Fields {
+                    w: &mut w,
+                    rest: Some(rest),
+                    result: Ok(()),
+                };
+                event.record(&mut fields);
+                fields.result?;
+                w.write_str(rest)?;
+                w.write_str("\n")
+            })
+        }
+    }
+}
+
+/// `2026-11-23T13:22:21.503726Z`; the part up to the seconds is formatted once a second.
+fn timestamp(w: &mut Writer<'_>) -> fmt::Result {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(secs, prefix)| {
+        if *secs != since.as_secs() {
+            prefix.clear();
+            // `2026-11-23T13:22:21Z`, kept without its `Z`.
+            write!(prefix, "{}", humantime::format_rfc3339_seconds(now))?;
+            prefix.pop();
+            *secs = since.as_secs();
+        }
+        w.write_str(prefix)
+    })?;
+    let mut micros = *b".000000Z";
+    let mut us = since.subsec_micros();
+    for d in micros[1..7].iter_mut().rev() {
+        *d = b'0' + (us % 10) as u8;
+        us /= 10;
+    }
+    w.write_str(std::str::from_utf8(&micros).map_err(|_| fmt::Error)?)
+}
+
+/// Writes an event's fields: `,"key":value` (JSON), or ` message key=value` (text, where the
+/// fields other than the message go to `rest`).
+struct Fields<'a, 'w> {
+    w: &'a mut Writer<'w>,
+    rest: Option<&'a mut String>,
+    result: fmt::Result,
+}
+
+impl Fields<'_, '_> {
+    /// Writes one field: its key, then the value `write` produces.
+    fn field(&mut self, field: &Field, write: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        self.result = match &mut self.rest {
+            None => (|| {
+                self.w.write_str(",\"")?;
+                self.w.write_str(name)?;
+                self.w.write_str("\":")?;
+                write(self.w)
+            })(),
+            Some(_) if name == "message" => self.w.write_str(" ").and_then(|()| write(self.w)),
+            Some(rest) => {
+                rest.push(' ');
+                rest.push_str(name);
+                rest.push('=');
+                write(*rest)
+            }
+        };
+    }
+
+    /// A string value: quoted and escaped, but for a text line's message.
+    fn string(&mut self, field: &Field, value: &str) {
+        let bare = self.rest.is_some() && field.name() == "message";
+        self.field(field, |w| {
+            if bare {
+                w.write_str(value)
+            } else {
+                json_str(w, value)
+            }
+        });
+    }
+}
+
+impl Visit for Fields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.string(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let quoted = self.rest.is_none();
+        self.field(field, |w| {
+            if quoted {
+                w.write_str("\"")?;
+                write!(JsonEscaped(w), "{value:?}")?;
+                w.write_str("\"")
+            } else {
+                write!(w, "{value:?}")
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.field(field, |w| write!(w, "{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+}
+
+/// A JSON string, quoted and escaped.
+fn json_str(w: &mut dyn fmt::Write, s: &str) -> fmt::Result {
+    w.write_str("\"")?;
+    JsonEscaped(w).write_str(s)?;
+    w.write_str("\"")
+}
+
+/// Escapes what it is given for the inside of a JSON string.
+struct JsonEscaped<'a>(&'a mut dyn fmt::Write);
+
+impl fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f | 0x7f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[start..i])?;
+            if escaped.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escaped)?;
+            }
+            start = i + 1;
+        }
+        self.0.write_str(&s[start..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What `Lean` writes for one event with awkward values.
+    fn line(json: bool) -> String {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || Captured(sink.clone()))
+            .event_format(Lean { json })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let method = http::Method::GET;
+            tracing::info!(route = "api", method = %method, path = "/a\"b\nc", status = 200u16, ok = true, "request");
+        });
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_text_line_is_one_line_message_first() {
+        let l = line(false);
+        assert_eq!(l.lines().count(), 1, "{l}");
+        let (stamp, rest) = l.split_once(' ').unwrap();
+        assert_eq!(stamp.len(), "2026-11-23T13:22:21.503726Z".len(), "{l}");
+        assert!(stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.', "{l}");
+        assert_eq!(
+            rest,
+            " INFO credgate::telemetry::tests: request route=\"api\" method=GET path=\"/a\\\"b\\nc\" status=200 ok=true\n"
+        );
+    }
+
+    #[test]
+    fn a_json_line_parses_with_every_field() {
+        let l = line(true);
+        assert_eq!(l.lines().count(), 1, "{l}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["route"], "api");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/a\"b\nc");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["target"], "credgate::telemetry::tests");
+        let stamp = v["timestamp"].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(stamp).unwrap();
+        let age = SystemTime::now().duration_since(parsed).unwrap();
+        assert!(age < Duration::from_secs(5), "{stamp}");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = String::new();
+        json_str(&mut out, "a\"b\\c\nd\u{1}e\u{7f}é").unwrap();
+        assert_eq!(out, r#""a\"b\\c\nd\u0001e\u007fé""#);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, "a\"b\\c\nd\u{1}e\u{7f}é");
     }
 }
