@@ -191,6 +191,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+const UPGRADE_INDEX: usize = 8;
 
 /// Whether a header is hop-by-hop (never forwarded, never injectable).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -200,27 +201,43 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive (for a handshake).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over the few headers present is cheaper than a hash
-    // lookup per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the few headers present notes which hop-by-hop names occur (most messages
+    // carry none, or only `Connection: keep-alive`); only those are removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    // Every Connection header counts, not only the first.
+    // Every Connection header counts, not only the first. Tokens naming a fixed hop-by-hop
+    // header (`keep-alive`, `close`...) need no lookup of their own.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
     }
-    let upgrade = keep_upgrade
+    let upgrade = (keep_upgrade && present & (1 << UPGRADE_INDEX) != 0)
         .then(|| headers.remove(header::UPGRADE))
         .flatten();
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
     if let Some(u) = upgrade {
         headers.insert(header::UPGRADE, u);
@@ -307,6 +324,7 @@ mod tests {
         h.insert("x-hop", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+        assert_eq!(HOP_BY_HOP[UPGRADE_INDEX], header::UPGRADE);
     }
 
     #[test]
