@@ -14,8 +14,15 @@
 #   credgate       static headers, per-request logging on (the default), logs to a file
 #   credgate-nolog static headers, RUST_LOG=warn
 #   credgate-token an OAuth2 client-credentials route (token fetched from the embedded fake)
-# Also reports credgate's start-up time to the first answered request and RSS with idle
-# keep-alive connections (IDLE=10000 connections; 0 to skip).
+#   direct         wrk straight at the upstream (for reference)
+# Then, each on its own:
+#   - start-up: credgate's spawn to first answered request
+#   - fixed rate (RATE=5000 req/s, 0 to skip; needs oha, installed with cargo if missing):
+#     p50/p99 of direct, nginx and credgate, and what each proxy adds to direct's
+#   - large bodies (BIG_MIB=1024, 0 to skip): one upload and one download of that size through
+#     nginx (proxy_request_buffering/proxy_buffering off, so it streams too) and credgate, with
+#     each proxy's peak RSS during the transfer
+#   - RSS with IDLE=10000 idle keep-alive connections (0 to skip), credgate and nginx
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -26,6 +33,9 @@ WARMUP=${WARMUP:-2}
 CONNS=${CONNS:-64}
 WORKERS=${WORKERS:-1}
 IDLE=${IDLE:-10000}
+RATE=${RATE:-5000}
+RATE_CONNS=${RATE_CONNS:-16}
+BIG_MIB=${BIG_MIB:-1024}
 BASE=${BASE_PORT:-18100}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -38,6 +48,11 @@ command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+if [ "$RATE" != 0 ] && [ ! -x "$OHA" ]; then
+  log "installing oha with cargo (not packaged for Debian; about 5 minutes on 2 cores)"
+  cargo install oha --locked -q
 fi
 if [ -z "${CREDGATE_BIN:-}" ]; then
   log "building credgate (release)"
@@ -72,8 +87,11 @@ events { worker_connections 16384; multi_accept on; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s; client_body_temp_path $RUN/tmp;
   server { listen 127.0.0.1:$UP reuseport backlog=4096; default_type text/plain;
     location / { return 200 "ok"; }
+    location = /big { alias $RUN/big.bin; default_type application/octet-stream; }
+    location = /sink { client_max_body_size 0; return 200 "ok"; }
     location = /__check { return 200 "id=\$http_x_client_id secret=\$http_x_client_secret auth=\$http_authorization"; } } }
 EOF
+[ "$BIG_MIB" -gt 0 ] && truncate -s "${BIG_MIB}M" "$RUN/big.bin"
 start upstream nginx -p "$RUN" -e stderr -c "$RUN/upstream.conf"
 
 nginx_conf() { # port access_log
@@ -85,6 +103,9 @@ http { access_log $2; keepalive_requests 1000000; keepalive_timeout 75s;
   upstream origin { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$1 reuseport backlog=4096;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Client-ID "test-id"; proxy_set_header X-Client-Secret "test-secret"; }
+    location ~ ^/(big|sink)\$ { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      client_max_body_size 0; proxy_request_buffering off; proxy_buffering off;
       proxy_set_header X-Client-ID "test-id"; proxy_set_header X-Client-Secret "test-secret"; } } }
 EOF
 }
@@ -135,8 +156,8 @@ STARTUP_MS=$best
 start credgate env RUST_LOG=info "$BIN" --config "$RUN/credgate.toml" --workers "$WORKERS"
 start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/credgate-nolog.toml" --workers "$WORKERS"
 start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/credgate-token.toml" --workers "$WORKERS"
-NAMES=(nginx nginx-log credgate credgate-nolog credgate-token)
-PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)))
+NAMES=(nginx nginx-log credgate credgate-nolog credgate-token direct)
+PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)) $UP)
 if [ -n "${BASELINE_BIN:-}" ]; then
   start baseline env RUST_LOG=info "$BASELINE_BIN" --config "$RUN/baseline.toml" --workers "$WORKERS"
   NAMES+=(baseline); PORTS+=($((BASE + 6)))
@@ -144,6 +165,7 @@ fi
 for i in "${!NAMES[@]}"; do
   wait_ok "http://127.0.0.1:${PORTS[$i]}/"
   got=$(curl -s "http://127.0.0.1:${PORTS[$i]}/__check")
+  [ "${NAMES[$i]}" = direct ] && continue
   case $got in *"id=test-id secret=test-secret"*|*"auth=Bearer "?*) ;; *) log "${NAMES[$i]} does not inject: $got"; exit 1 ;; esac
 done
 
@@ -167,16 +189,65 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+# ---------------------------------------------------------------- fixed-rate latency
+RATE_RES=$RUN/rate.tsv
+: > "$RATE_RES"
+port_of() { for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$1" ] && echo "${PORTS[$i]}"; done; }
+if [ "$RATE" != 0 ]; then
+  log "fixed rate: oha -q $RATE -c $RATE_CONNS -z ${DURATION}s"
+  for round in $(seq "$ROUNDS"); do
+    for name in direct nginx credgate; do
+      out=$RUN/oha-$name-$round.json
+      timeout $((DURATION + 30)) "$OHA" --no-tui --output-format json --latency-correction \
+        -q "$RATE" -c "$RATE_CONNS" -z "${DURATION}s" "http://127.0.0.1:$(port_of $name)/" > "$out" 2>/dev/null || true
+      python3 - "$out" "$round" "$name" >> "$RATE_RES" <<'PY' || true
+import json, sys
+d = json.load(open(sys.argv[1]))
+p = d["latencyPercentiles"]
+print(f"{sys.argv[2]}\t{sys.argv[3]}\t{d['summary']['requestsPerSec']:.0f}\t{p['p50']*1e6:.0f}\t{p['p99']*1e6:.0f}")
+PY
+      log "rate round $round $(printf '%-9s' "$name") $(tail -n 1 "$RATE_RES" | awk -F'\t' '{print $3 " req/s, p50 " $4 "us, p99 " $5 "us"}')"
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- large bodies
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+worker_of() { pgrep -P "$1" | head -n 1; }  # an nginx master's (only, or first) worker
+BIG_RES=$RUN/big.tsv
+: > "$BIG_RES"
+if [ "$BIG_MIB" -gt 0 ]; then
+  for name in nginx credgate; do
+    pid=$(eval echo "\$PID_${name}")
+    [ "$name" = nginx ] && pid=$(worker_of "$pid")
+    for dir in download upload; do
+      peak=$RUN/peak-$name-$dir
+      before=$(rss "$pid"); echo "$before" > "$peak"
+      ( for _ in $(seq 2400); do r=$(rss "$pid") || break; [ "$r" -gt "$(cat "$peak")" ] && echo "$r" > "$peak"; sleep 0.05; done ) &
+      sampler=$!
+      if [ "$dir" = download ]; then
+        speed=$(curl -s -o /dev/null -m 120 -w '%{speed_download}' "http://127.0.0.1:$(port_of $name)/big")
+      else
+        speed=$(curl -s -o /dev/null -m 120 -w '%{speed_upload}' -T "$RUN/big.bin" "http://127.0.0.1:$(port_of $name)/sink")
+      fi
+      kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+      printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$dir" "$speed" "$before" "$(cat "$peak")" >> "$BIG_RES"
+      log "$BIG_MIB MiB $dir via $name: $(awk -v s="$speed" 'BEGIN {printf "%.0f MiB/s", s/1048576}'), RSS $before -> peak $(cat "$peak") KiB"
+    done
+  done
+fi
+
 # ---------------------------------------------------------------- memory with idle connections
 IDLE_REPORT="skipped"
 if [ "$IDLE" -gt 0 ]; then
   ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-  pid=$PID_credgate_nolog
-  rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-  before=$(rss "$pid")
-  IDLE_REPORT=$(python3 - "$((BASE + 4))" "$IDLE" "$pid" "$before" <<'PY'
+  IDLE_REPORT=""
+  for name in credgate-nolog nginx; do
+    pid=$(eval echo "\$PID_${name//-/_}")
+    [ "$name" = nginx ] && pid=$(worker_of "$pid")
+    line=$(python3 - "$(port_of $name)" "$IDLE" "$pid" "$(rss "$pid")" "$name" <<'PY'
 import socket, sys, time
-port, n, pid, before = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+port, n, pid, before, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 def rss():
     for l in open(f"/proc/{pid}/status"):
         if l.startswith("VmRSS"): return int(l.split()[1])
@@ -191,17 +262,19 @@ time.sleep(1)
 after = rss()
 # a new request is still served while they are open
 t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 " in t.recv(4096)
-print(f"{n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
+print(f"{name}: {n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
       f"({(after-before)*1024/n:.0f} B/connection); new request served: {ok}")
 PY
 )
-  log "$IDLE_REPORT"
+    log "$line"
+    IDLE_REPORT+="$line"$'\n'
+  done
 fi
 
 # ---------------------------------------------------------------- table
-python3 - "$RES" "$STARTUP_MS" "$IDLE_REPORT" "$WORKERS" "$CONNS" "$DURATION" "$ROUNDS" <<'PY'
+python3 - "$RES" "$STARTUP_MS" "$IDLE_REPORT" "$WORKERS" "$CONNS" "$DURATION" "$ROUNDS" "$RATE_RES" "$BIG_RES" "$RATE" <<'PY'
 import statistics as st, sys
-res, startup, idle, workers, conns, dur, rounds = sys.argv[1:]
+res, startup, idle, workers, conns, dur, rounds, rate_res, big_res, rate = sys.argv[1:]
 rows = {}
 for line in open(res):
     r, name, rps, p50, p99, errs = line.rstrip("\n").split("\t")
@@ -218,5 +291,25 @@ ng = med["nginx-log"][0] / med["nginx"][0]
 print(f"\nlogging on/off: credgate {lo:.2f}, nginx {ng:.2f}")
 print(f"token route vs static: {med['credgate-token'][0]/med['credgate'][0]:.2f}")
 print(f"start-up to first answered request: {startup} ms (best of 5, includes curl)")
+rate_rows = {}
+for line in open(rate_res):
+    r, name, rps, p50, p99 = line.rstrip("\n").split("\t")
+    rate_rows.setdefault(name, []).append((float(p50), float(p99)))
+if "direct" in rate_rows:
+    d50 = st.median(x[0] for x in rate_rows["direct"])
+    d99 = st.median(x[1] for x in rate_rows["direct"])
+    print(f"\nfixed rate {rate} req/s (oha, medians over rounds); + is added to direct")
+    print(f"{'target':<10}{'p50 us':>8}{'p99 us':>8}{'+p50':>8}{'+p99':>8}")
+    for n, v in rate_rows.items():
+        p50, p99 = st.median(x[0] for x in v), st.median(x[1] for x in v)
+        print(f"{n:<10}{p50:>8.0f}{p99:>8.0f}{p50-d50:>8.0f}{p99-d99:>8.0f}")
+big = [l.rstrip("\n").split("\t") for l in open(big_res)]
+if big:
+    print("\nlarge bodies (one transfer each)")
+    speed = {(n, d): float(s) for n, d, s, _, _ in big}
+    for n, d, s, before, peak in big:
+        ratio = float(s) / speed[("nginx", d)] if speed.get(("nginx", d)) else 0
+        print(f"{n:<10}{d:<10}{float(s)/1048576:>8.0f} MiB/s {ratio:>5.2f}x nginx  RSS {int(before)/1024:.1f} -> peak {int(peak)/1024:.1f} MiB")
+print()
 print(idle)
 PY
