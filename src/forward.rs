@@ -16,8 +16,9 @@ use crate::body::UpstreamBody;
 use crate::config::{Timeouts, Upstream};
 use crate::pool::{H1Pool, Lease, PoolError};
 
-/// Idle connections kept per upstream (as nginx's `keepalive 128`): a burst of concurrent
-/// requests opens as many connections as it needs, but only this many stay open afterwards.
+/// Idle connections kept per upstream and worker thread (as nginx's `keepalive 128` per worker):
+/// a burst of concurrent requests opens as many connections as it needs, but only this many stay
+/// open afterwards.
 const MAX_IDLE_PER_UPSTREAM: usize = 128;
 
 /// A pooled upstream client: HTTP/1.1, or HTTP/2 where the upstream offers it via ALPN.

@@ -49,4 +49,6 @@ pub enum StartError {
     Bind(String, std::io::Error),
     #[error("route \"{0}\": TLS set-up failed: {1}")]
     Tls(String, rustls::Error),
+    #[error("cannot start worker threads: {0}")]
+    Workers(std::io::Error),
 }

@@ -26,7 +26,8 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value = "pretty", global = true)]
     log_format: LogFormat,
-    /// Worker threads (default: one per CPU). 1 runs everything on one thread.
+    /// Threads serving connections, each with its own event loop (default: one per CPU).
+    /// 1 runs everything on one thread.
     #[arg(long, env = "CREDGATE_WORKERS", global = true)]
     workers: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
@@ -63,16 +64,13 @@ fn main() -> ExitCode {
         credgate::demo::set_demo_env();
     }
     let _logs = telemetry::init(cli.log_format);
-    let mut runtime = match cli.workers.map(|n| n.get()) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = runtime
+    let workers = cli.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |n| n.get(),
+    );
+    // This thread accepts, reloads and refreshes tokens; with more than one worker, connections
+    // are served on worker threads of their own (see `Server::with_workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(telemetry::flush_thread)
         .build()
@@ -93,7 +91,7 @@ fn main() -> ExitCode {
                 "no config: pass --config PATH or set CREDGATE_CONFIG (or try `credgate demo`)"
                     .into(),
             ),
-            (None, Some(path)) => run(path).await,
+            (None, Some(path)) => run(path, workers).await,
             (Some(Command::Check), Some(path)) => check(path),
         }
     });
@@ -106,10 +104,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf) -> Result<(), String> {
+async fn run(path: PathBuf, workers: usize) -> Result<(), String> {
     let shutdown = shutdown_signal();
     let config = config::load(&path).map_err(|e| e.to_string())?;
-    let server = Server::bind(config).await.map_err(|e| e.to_string())?;
+    let mut server = Server::bind(config).await.map_err(|e| e.to_string())?;
+    if workers > 1 {
+        server = server.with_workers(workers).map_err(|e| e.to_string())?;
+    }
     server.run(shutdown).await;
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! HTTP/1.1 connections to one plaintext upstream, kept for reuse: a checkout is a pop, a
-//! connection comes back when its response body ends.
+//! connection comes back when its response body ends. Each thread has its own stack, so with
+//! several workers a connection is reused on the thread whose runtime drives it.
 //!
 //! hyper-util's pooled client does the same job for every upstream (TLS, HTTP/2, any host),
 //! and costs more per request for it: a keyed, hashed pool, a connect raced against every
 //! checkout. A route's own `http://` upstream (a sidecar neighbour, a local service) is the
 //! common case on the hot path, so it gets this; TLS upstreams keep the general client.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,14 +26,23 @@ pub struct H1Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Idle>,
+    /// One stack per thread (threads share a stack beyond [`SHARDS`]).
+    idle: [Mutex<Idle>; SHARDS],
+    /// Whether the task that closes long-idle connections runs.
+    reaping: AtomicBool,
 }
 
-#[derive(Default)]
-struct Idle {
-    conns: Vec<(SendRequest<UpstreamBody>, Instant)>,
-    /// Whether the task that closes long-idle connections runs.
-    reaping: bool,
+const SHARDS: usize = 8;
+
+type Idle = Vec<(SendRequest<UpstreamBody>, Instant)>;
+
+/// This thread's stack in every pool.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
 }
 
 /// A connection lent to one exchange. [`Lease::release`] hands it back once the response
@@ -105,7 +116,8 @@ impl H1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: Mutex::default(),
+            idle: Default::default(),
+            reaping: AtomicBool::new(false),
         }
     }
 
@@ -150,11 +162,11 @@ impl H1Pool {
 
     /// The most recently used connection that is still open.
     fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.conns.pop() {
+        let mut idle = self.idle[shard()].lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, since)) = idle.pop() {
             if since.elapsed() >= self.idle_timeout {
                 // Everything below is older still.
-                idle.conns.clear();
+                idle.clear();
                 return None;
             }
             if !conn.is_closed() {
@@ -189,12 +201,13 @@ impl H1Pool {
         if conn.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.conns.len() < self.max_idle {
-            idle.conns.push((conn, Instant::now()));
+        {
+            let mut idle = self.idle[shard()].lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.max_idle {
+                idle.push((conn, Instant::now()));
+            }
         }
-        if !idle.reaping {
-            idle.reaping = true;
+        if !self.reaping.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(Arc::downgrade(self)));
         }
     }
@@ -202,10 +215,9 @@ impl H1Pool {
     /// Idle connections now held (for tests and status).
     pub fn idle_count(&self) -> usize {
         self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .conns
-            .len()
+            .iter()
+            .map(|i| i.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 
@@ -228,9 +240,11 @@ async fn reap(pool: Weak<H1Pool>) {
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
         let timeout = pool.idle_timeout;
-        idle.conns
-            .retain(|(conn, since)| since.elapsed() < timeout && !conn.is_closed());
+        for idle in &pool.idle {
+            idle.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(conn, since)| since.elapsed() < timeout && !conn.is_closed());
+        }
     }
 }

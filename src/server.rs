@@ -62,6 +62,63 @@ pub struct Server {
     files: Vec<PathBuf>,
     listeners: Vec<Bound>,
     settings: config::Server,
+    workers: Option<Workers>,
+}
+
+/// Threads that serve connections, each on its own single-threaded runtime (like nginx's worker
+/// processes): a connection, its requests and the upstream connections they open stay on one
+/// thread, with no work stealing or cross-thread wake-ups on the request path. The runtime that
+/// accepts hands each new connection to the next worker in turn.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(n: usize) -> std::io::Result<Self> {
+        let mut w = Self {
+            handles: Vec::with_capacity(n),
+            next: Default::default(),
+            stop: Vec::with_capacity(n),
+            threads: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(crate::telemetry::flush_thread)
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            w.handles.push(rt.handle().clone());
+            w.stop.push(stop);
+            w.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("credgate-worker-{i}"))
+                    .spawn(move || {
+                        let _ = rt.block_on(stopped);
+                    })?,
+            );
+        }
+        Ok(w)
+    }
+
+    fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+
+    /// Ends the worker threads (what still runs on them is dropped) and waits for them.
+    async fn stop(self) {
+        drop(self.stop);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
 }
 
 impl Server {
@@ -81,7 +138,15 @@ impl Server {
             files,
             listeners,
             settings,
+            workers: None,
         })
+    }
+
+    /// Serves connections on `n` worker threads (see [`Workers`]) instead of the runtime that
+    /// calls [`Server::run`], which then only accepts, reloads and refreshes tokens.
+    pub fn with_workers(mut self, n: usize) -> Result<Self, StartError> {
+        self.workers = Some(Workers::start(n).map_err(StartError::Workers)?);
+        Ok(self)
     }
 
     /// The bound addresses of the shared TCP listeners.
@@ -125,6 +190,7 @@ impl Server {
             graceful: GracefulShutdown::new(),
             running: Mutex::new(HashMap::new()),
             header_read_timeout: self.settings.header_read_timeout,
+            workers: self.workers,
         });
         // Before any listener accepts: a SIGHUP must never meet the default action (exit).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -167,6 +233,9 @@ impl Server {
         match tokio::time::timeout(self.settings.shutdown_grace, ctx.graceful.shutdown()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        }
+        if let Some(workers) = ctx.workers {
+            workers.stop().await;
         }
     }
 }
@@ -240,6 +309,7 @@ struct Serving {
     /// reloader and shutdown touch it, never across an await.
     running: Mutex<HashMap<Key, Running>>,
     header_read_timeout: Duration,
+    workers: Option<Workers>,
 }
 
 struct Running {
@@ -298,7 +368,10 @@ impl Serving {
             match accepted {
                 Ok(Conn::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    self.serve(role.clone(), TokioIo::new(s));
+                    match &self.workers {
+                        None => self.serve(role.clone(), TokioIo::new(s)),
+                        Some(workers) => self.hand_over(workers, role.clone(), s),
+                    }
                 }
                 Ok(Conn::Unix(s)) => self.serve(role.clone(), TokioIo::new(s)),
                 Err(e) => {
@@ -308,6 +381,21 @@ impl Serving {
                 }
             }
         }
+    }
+
+    /// Serves `s` on the next worker: the socket moves to that worker's runtime.
+    fn hand_over(self: &Arc<Self>, workers: &Workers, role: Role, s: tokio::net::TcpStream) {
+        let s = match s.into_std() {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
+        };
+        let this = self.clone();
+        workers.next().spawn(async move {
+            match tokio::net::TcpStream::from_std(s) {
+                Ok(s) => this.serve(role, TokioIo::new(s)),
+                Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
+            }
+        });
     }
 
     fn serve<I>(self: &Arc<Self>, role: Role, io: I)
