@@ -61,6 +61,7 @@ fi
 BIN=${CREDGATE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/credgate}
 
 # ---------------------------------------------------------------- processes
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true  # for IDLE connections, inherited by every process
 rm -rf "$RUN" && mkdir -p "$RUN/tmp"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -82,13 +83,16 @@ wait_ok() { # url
 
 UP=$BASE
 cat > "$RUN/upstream.conf" <<EOF
-worker_processes 1; daemon off; pid $RUN/upstream.pid; error_log stderr warn;
+worker_processes 1; worker_rlimit_nofile 65536; daemon off; pid $RUN/upstream.pid; error_log stderr warn;
 events { worker_connections 16384; multi_accept on; }
 http { access_log off; keepalive_requests 1000000; keepalive_timeout 75s; client_body_temp_path $RUN/tmp;
   server { listen 127.0.0.1:$UP reuseport backlog=4096; default_type text/plain;
     location / { return 200 "ok"; }
     location = /big { alias $RUN/big.bin; default_type application/octet-stream; }
-    location = /sink { client_max_body_size 0; return 200 "ok"; }
+    # Reads the whole body before answering (a bare return would answer first, and a proxy
+    # seeing the early answer may skip forwarding the rest).
+    location = /sink { client_max_body_size 0; client_body_buffer_size 1m;
+      proxy_pass_request_body off; proxy_set_header Content-Length ""; proxy_pass http://127.0.0.1:$UP/; }
     location = /__check { return 200 "id=\$http_x_client_id secret=\$http_x_client_secret auth=\$http_authorization"; } } }
 EOF
 [ "$BIG_MIB" -gt 0 ] && truncate -s "${BIG_MIB}M" "$RUN/big.bin"
@@ -96,7 +100,7 @@ start upstream nginx -p "$RUN" -e stderr -c "$RUN/upstream.conf"
 
 nginx_conf() { # port access_log
   cat <<EOF
-worker_processes $WORKERS; daemon off; pid $RUN/nginx-$1.pid; error_log stderr warn;
+worker_processes $WORKERS; worker_rlimit_nofile 65536; daemon off; pid $RUN/nginx-$1.pid; error_log stderr warn;
 events { worker_connections 16384; multi_accept on; }
 http { access_log $2; keepalive_requests 1000000; keepalive_timeout 75s;
   client_body_temp_path $RUN/tmp; proxy_temp_path $RUN/tmp;
@@ -265,7 +269,7 @@ t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 "
 print(f"{name}: {n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
       f"({(after-before)*1024/n:.0f} B/connection); new request served: {ok}")
 PY
-)
+) || line="$name: idle connection check failed"
     log "$line"
     IDLE_REPORT+="$line"$'\n'
   done
