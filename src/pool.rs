@@ -135,8 +135,8 @@ impl H1Pool {
                 Some(conn) => (conn, false),
                 None => (self.connect().await?, true),
             };
-            // A connection just handed back may not have finished reading its last response.
-            if !fresh && conn.ready().await.is_err() {
+            // Only ready connections are kept; one may have closed since.
+            if !fresh && !conn.is_ready() {
                 continue;
             }
             match conn.try_send_request(req).await {
@@ -197,8 +197,21 @@ impl H1Pool {
         Ok(conn)
     }
 
-    fn put(self: &Arc<Self>, conn: SendRequest<UpstreamBody>) {
+    /// Keeps `conn` for the next request once it can take one: the response has ended, but the
+    /// request body may still be on its way (an upstream that answered an upload early), and
+    /// a connection still sending must not keep the next caller waiting.
+    fn put(self: &Arc<Self>, mut conn: SendRequest<UpstreamBody>) {
         if conn.is_closed() {
+            return;
+        }
+        if !conn.is_ready() {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let ready = tokio::time::timeout(pool.idle_timeout, conn.ready()).await;
+                if matches!(ready, Ok(Ok(()))) {
+                    pool.put(conn);
+                }
+            });
             return;
         }
         {

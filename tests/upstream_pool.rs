@@ -207,3 +207,51 @@ async fn a_refused_connection_is_a_502_naming_no_detail() {
     );
     assert!(!body.contains("refused"), "{body}");
 }
+
+#[tokio::test]
+async fn an_upload_answered_early_does_not_hold_up_the_next_request() {
+    // The upstream answers a PUT at once and reads its body only as it comes; GETs get which
+    // connection served them.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            n += 1;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let Ok(r) = s.read(&mut buf).await else {
+                    return;
+                };
+                let res = if buf[..r].starts_with(b"PUT ") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly".to_owned()
+                } else {
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn-{n}")
+                };
+                let _ = s.write_all(res.as_bytes()).await;
+                while matches!(s.read(&mut buf).await, Ok(r) if r > 0) {}
+            });
+        }
+    });
+    let cg = start_in_process(&shared_config(&format!(
+        "[[route]]\nname = \"raw\"\nprefix = \"/\"\nupstream = \"http://{addr}\"\nauth = {{ type = \"none\" }}\n"
+    )))
+    .await;
+
+    let (upload, body) = channel_body();
+    upload.send("first chunk".into()).await.unwrap();
+    let put = http::Request::put("/upload").body(body).unwrap();
+    let res = open(cg.addr(), put).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let early = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(early, "early");
+
+    // The upload is still being sent on that connection: the next request must not wait for it.
+    let next = tokio::time::timeout(Duration::from_secs(3), get(cg.addr(), "/x", &[]))
+        .await
+        .expect("the next request is not held up by the unfinished upload");
+    assert_eq!(next.status, StatusCode::OK);
+    assert_eq!(next.text(), "conn-2");
+    drop(upload);
+    upstream.abort();
+}
