@@ -190,8 +190,9 @@ impl Server {
             graceful: GracefulShutdown::new(),
             running: Mutex::new(HashMap::new()),
             header_read_timeout: self.settings.header_read_timeout,
-            workers: self.workers,
+            workers: self.workers.map(Arc::new),
         });
+        let workers = ctx.workers.clone();
         // Before any listener accepts: a SIGHUP must never meet the default action (exit).
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         // Watching starts before any listener is announced, so no edit made after that is missed.
@@ -226,15 +227,20 @@ impl Server {
         for r in running {
             r.stop().await;
         }
-        let Some(ctx) = Arc::into_inner(ctx) else {
-            tracing::warn!("a listener task is still running; not waiting for connections");
-            return;
-        };
-        match tokio::time::timeout(self.settings.shutdown_grace, ctx.graceful.shutdown()).await {
-            Ok(()) => tracing::info!("all connections closed"),
-            Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        match Arc::into_inner(ctx) {
+            Some(ctx) => {
+                let closed =
+                    tokio::time::timeout(self.settings.shutdown_grace, ctx.graceful.shutdown());
+                match closed.await {
+                    Ok(()) => tracing::info!("all connections closed"),
+                    Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+                }
+            }
+            None => {
+                tracing::warn!("a listener task is still running; not waiting for connections")
+            }
         }
-        if let Some(workers) = ctx.workers {
+        if let Some(workers) = workers.and_then(Arc::into_inner) {
             workers.stop().await;
         }
     }
@@ -309,7 +315,7 @@ struct Serving {
     /// reloader and shutdown touch it, never across an await.
     running: Mutex<HashMap<Key, Running>>,
     header_read_timeout: Duration,
-    workers: Option<Workers>,
+    workers: Option<Arc<Workers>>,
 }
 
 struct Running {
@@ -389,10 +395,16 @@ impl Serving {
             Ok(s) => s,
             Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
         };
-        let this = self.clone();
+        // Watched from now on, so a shutdown waits for it even before the worker takes it.
+        let conn = ConnCtx {
+            shared: self.shared.clone(),
+            builder: self.builder.clone(),
+            watcher: self.graceful.watcher(),
+            header_read_timeout: self.header_read_timeout,
+        };
         workers.next().spawn(async move {
             match tokio::net::TcpStream::from_std(s) {
-                Ok(s) => this.serve(role, TokioIo::new(s)),
+                Ok(s) => conn.serve(role, TokioIo::new(s)),
                 Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
             }
         });
@@ -402,55 +414,13 @@ impl Serving {
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let shared = self.shared.clone();
-        let started = Arc::new(AtomicBool::new(false));
-        let first_request = started.clone();
-        let admin = role == Role::Admin;
-        let via = match role {
-            Role::Dedicated(name) => Via::Dedicated(name),
-            _ => Via::Shared,
-        };
-        let svc = service_fn(move |req| {
-            first_request.store(true, Ordering::Relaxed);
-            let shared = shared.clone();
-            let via = via.clone();
-            // Boxed: the request path's future is large, and an idle keep-alive connection
-            // should not carry room for it between requests.
-            Box::pin(async move {
-                if admin {
-                    return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
-                }
-                let proxy = shared.proxy.load_full();
-                Ok(proxy.handle(&via, req).await)
-            })
-        });
-        let conn = self.graceful.watch(
-            self.builder
-                .serve_connection_with_upgrades(io, svc)
-                .into_owned(),
-        );
-        let open = self.shared.metrics.open_connections.clone();
-        open.inc();
-        let first_within = self.header_read_timeout;
-        tokio::spawn(async move {
-            // A connection must bring a request within the header timeout: hyper's own timer
-            // starts only after its protocol sniffing (and HTTP/2 has none), so a silent client,
-            // a partial preface or an h2c handshake without a request would otherwise stay.
-            tokio::pin!(conn);
-            let result = match tokio::time::timeout(first_within, &mut conn).await {
-                Ok(r) => r,
-                Err(_) if !started.load(Ordering::Relaxed) => {
-                    tracing::debug!("connection closed: no request within the header timeout");
-                    open.dec();
-                    return;
-                }
-                Err(_) => conn.await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            open.dec();
-        });
+        ConnCtx {
+            shared: self.shared.clone(),
+            builder: self.builder.clone(),
+            watcher: self.graceful.watcher(),
+            header_read_timeout: self.header_read_timeout,
+        }
+        .serve(role, io);
     }
 
     /// Loads the config again and swaps it in; the old one keeps serving if anything fails.
@@ -499,6 +469,72 @@ impl Serving {
             self.spawn(l);
         }
         Ok(files)
+    }
+}
+
+/// What serving one connection needs, taken when it is accepted.
+struct ConnCtx {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
+}
+
+impl ConnCtx {
+    /// Serves `io` on the current runtime until the caller or a shutdown ends it.
+    fn serve<I>(self, role: Role, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let first_request = started.clone();
+        let admin = role == Role::Admin;
+        let via = match role {
+            Role::Dedicated(name) => Via::Dedicated(name),
+            _ => Via::Shared,
+        };
+        let svc = service_fn(move |req| {
+            first_request.store(true, Ordering::Relaxed);
+            let shared = shared.clone();
+            let via = via.clone();
+            // Boxed: the request path's future is large, and an idle keep-alive connection
+            // should not carry room for it between requests.
+            Box::pin(async move {
+                if admin {
+                    return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
+                }
+                let proxy = shared.proxy.load_full();
+                Ok(proxy.handle(&via, req).await)
+            })
+        });
+        let conn = self.watcher.watch(
+            self.builder
+                .serve_connection_with_upgrades(io, svc)
+                .into_owned(),
+        );
+        let open = self.shared.metrics.open_connections.clone();
+        open.inc();
+        let first_within = self.header_read_timeout;
+        tokio::spawn(async move {
+            // A connection must bring a request within the header timeout: hyper's own timer
+            // starts only after its protocol sniffing (and HTTP/2 has none), so a silent client,
+            // a partial preface or an h2c handshake without a request would otherwise stay.
+            tokio::pin!(conn);
+            let result = match tokio::time::timeout(first_within, &mut conn).await {
+                Ok(r) => r,
+                Err(_) if !started.load(Ordering::Relaxed) => {
+                    tracing::debug!("connection closed: no request within the header timeout");
+                    open.dec();
+                    return;
+                }
+                Err(_) => conn.await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            open.dec();
+        });
     }
 }
 
