@@ -52,6 +52,9 @@ pub fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // Counted in messages, and a message is a batch of up to BATCH_BYTES: at most 8 MiB
+        // wait for stderr before logging threads do.
+        .buffered_lines_limit(256)
         .thread_name("credgate-log")
         .finish(std::io::BufWriter::with_capacity(
             64 * 1024,
@@ -152,7 +155,8 @@ impl Write for Lines {
 /// - JSON: `{"timestamp":"…","level":"INFO","message":"request","route":"api",…,"target":"…"}`
 ///
 /// credgate logs no spans, so only the event's own fields are written. Strings are quoted and
-/// escaped in both formats, so no value can forge a line.
+/// escaped in both formats, and control characters escaped everywhere, so no value can forge a
+/// line or send escape sequences to a terminal.
 struct Lean {
     json: bool,
 }
@@ -191,10 +195,10 @@ where
             thread_local! {
                 static REST: RefCell<String> = const { RefCell::new(String::new()) };
             }
-            REST.with_borrow_mut(|rest| {
+            let write = |w: &mut Writer<'_>, rest: &mut String| {
                 rest.clear();
                 let mut fields = Fields {
-                    w: &mut w,
+                    w,
                     rest: Some(rest),
                     result: Ok(()),
                 };
@@ -202,6 +206,11 @@ where
                 fields.result?;
                 w.write_str(rest)?;
                 w.write_str("\n")
+            };
+            // A field that logs while being formatted gets a buffer of its own.
+            REST.with(|rest| match rest.try_borrow_mut() {
+                Ok(mut rest) => write(&mut w, &mut rest),
+                Err(_) => write(&mut w, &mut String::new()),
             })
         }
     }
@@ -257,12 +266,15 @@ impl Fields<'_, '_> {
                 self.w.write_str("\":")?;
                 write(self.w)
             })(),
-            Some(_) if name == "message" => self.w.write_str(" ").and_then(|()| write(self.w)),
+            Some(_) if name == "message" => self
+                .w
+                .write_str(" ")
+                .and_then(|()| write(&mut NoControls(self.w))),
             Some(rest) => {
                 rest.push(' ');
                 rest.push_str(name);
                 rest.push('=');
-                write(*rest)
+                write(&mut NoControls(*rest))
             }
         };
     }
@@ -319,6 +331,27 @@ impl Visit for Fields<'_, '_> {
     }
 }
 
+/// Passes text on with control characters (C0, DEL, C1: newlines, terminal escapes) escaped.
+struct NoControls<'a>(&'a mut dyn fmt::Write);
+
+impl fmt::Write for NoControls<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return self.0.write_str(s);
+        }
+        for c in s.chars() {
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c if c.is_control() => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                c => self.0.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A JSON string, quoted and escaped.
 fn json_str(w: &mut dyn fmt::Write, s: &str) -> fmt::Result {
     w.write_str("\"")?;
@@ -370,6 +403,8 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let method = http::Method::GET;
             tracing::info!(route = "api", method = %method, path = "/a\"b\nc", status = 200u16, ok = true, "request");
+            let forged = "x\n2026-01-01T00:00:00.000000Z  INFO forged\u{1b}[2J\u{9b}";
+            tracing::warn!(error = %forged, "bad {}", forged);
         });
         let bytes = out.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
@@ -389,8 +424,14 @@ mod tests {
 
     #[test]
     fn a_text_line_is_one_line_message_first() {
-        let l = line(false);
-        assert_eq!(l.lines().count(), 1, "{l}");
+        let out = line(false);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        let (l, forged) = out.split_once('\n').unwrap();
+        assert_eq!(
+            forged.split_once(" WARN ").unwrap().1,
+            "credgate::telemetry::tests: bad x\\n2026-01-01T00:00:00.000000Z  INFO forged\\u{1b}[2J\\u{9b} error=x\\n2026-01-01T00:00:00.000000Z  INFO forged\\u{1b}[2J\\u{9b}\n"
+        );
+        let l = &format!("{l}\n");
         let (stamp, rest) = l.split_once(' ').unwrap();
         assert_eq!(stamp.len(), "2026-11-23T13:22:21.503726Z".len(), "{l}");
         assert!(stamp.ends_with('Z') && stamp.as_bytes()[19] == b'.', "{l}");
@@ -402,9 +443,15 @@ mod tests {
 
     #[test]
     fn a_json_line_parses_with_every_field() {
-        let l = line(true);
-        assert_eq!(l.lines().count(), 1, "{l}");
-        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        let out = line(true);
+        assert_eq!(out.lines().count(), 2, "{out}");
+        let (l, forged) = out.split_once('\n').unwrap();
+        let w: serde_json::Value = serde_json::from_str(forged).unwrap();
+        assert_eq!(
+            w["error"],
+            "x\n2026-01-01T00:00:00.000000Z  INFO forged\u{1b}[2J\u{9b}"
+        );
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
         assert_eq!(v["message"], "request");
         assert_eq!(v["level"], "INFO");
         assert_eq!(v["route"], "api");
