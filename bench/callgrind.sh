@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Instructions per request, which are repeatable where wall-clock time on a shared VM is not:
+# credgate (release, with debug info, --workers 1, request log on) under callgrind forwards N
+# keep-alive GETs to an nginx upstream, adding two static headers; the count of a run with
+# only the 200 warm-up requests is subtracted. Loopback only; every process is stopped.
+#
+#   bench/callgrind.sh            # N=3000
+#   N=1000 bench/callgrind.sh
+#   CREDGATE_BIN=/path/credgate bench/callgrind.sh   # another build (ideally with debug info)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUN=${BENCH_RUN_DIR:-/tmp/credgate-callgrind}
+N=${N:-3000}
+UP=${UP_PORT:-18200}
+PORT=$((UP + 1))
+
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ -z "${CREDGATE_BIN:-}" ]; then
+  (cd "$ROOT" && CARGO_PROFILE_RELEASE_DEBUG=1 CARGO_TARGET_DIR=$RUN/target cargo build --release -q)
+  CREDGATE_BIN=$RUN/target/release/credgate
+fi
+
+rm -rf "$RUN/work" && mkdir -p "$RUN/work"
+W=$RUN/work
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+cat > "$W/upstream.conf" <<EOF
+worker_processes 1; daemon off; pid $W/upstream.pid; error_log stderr warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $W;
+  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
+EOF
+nginx -p "$W" -e stderr -c "$W/upstream.conf" &
+PIDS+=($!)
+cat > "$W/credgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$PORT"
+[[route]]
+name = "bench"
+prefix = "/"
+upstream = "http://127.0.0.1:$UP"
+[route.auth]
+type = "headers"
+headers = { "X-Client-ID" = { env = "BENCH_ID" }, "X-Client-Secret" = { env = "BENCH_SECRET" } }
+EOF
+export BENCH_ID=test-id BENCH_SECRET=test-secret
+
+drive() { # count: keep-alive GETs on one connection
+  python3 - "$PORT" "$1" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+for _ in range(n):
+    c.request("GET", "/")
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}
+
+instructions() { # requests after warm-up -> total instructions of the run
+  rm -f "$W"/cg.out.*
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out.%p" \
+    "$CREDGATE_BIN" --config "$W/credgate.toml" --workers 1 >"$W/credgate.log" 2>&1 &
+  local vg=$!
+  for _ in $(seq 200); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
+  drive 200
+  [ "$1" -gt 0 ] && drive "$1"
+  kill -TERM "$vg"; wait "$vg" || true
+  callgrind_annotate "$W"/cg.out.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+}
+
+base=$(instructions 0)
+total=$(instructions "$N")
+echo "instructions per request: $(( (total - base) / N )) ($N requests; totals $total - $base)"
+echo "profile of the last run: callgrind_annotate $W/cg.out.*"
