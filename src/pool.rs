@@ -135,10 +135,6 @@ impl H1Pool {
                 Some(conn) => (conn, false),
                 None => (self.connect().await?, true),
             };
-            // Only ready connections are kept; one may have closed since.
-            if !fresh && !conn.is_ready() {
-                continue;
-            }
             match conn.try_send_request(req).await {
                 Ok(res) => {
                     let lease = Lease {
@@ -160,7 +156,8 @@ impl H1Pool {
         }
     }
 
-    /// The most recently used connection that is still open.
+    /// The most recently used connection that can take a request (one may have closed since
+    /// it was kept).
     fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle[shard()].lock().unwrap_or_else(|e| e.into_inner());
         while let Some((conn, since)) = idle.pop() {
@@ -169,7 +166,7 @@ impl H1Pool {
                 idle.clear();
                 return None;
             }
-            if !conn.is_closed() {
+            if conn.is_ready() {
                 return Some(conn);
             }
         }

@@ -396,12 +396,7 @@ impl Serving {
             Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
         };
         // Watched from now on, so a shutdown waits for it even before the worker takes it.
-        let conn = ConnCtx {
-            shared: self.shared.clone(),
-            builder: self.builder.clone(),
-            watcher: self.graceful.watcher(),
-            header_read_timeout: self.header_read_timeout,
-        };
+        let conn = self.conn_ctx();
         workers.next().spawn(async move {
             match tokio::net::TcpStream::from_std(s) {
                 Ok(s) => conn.serve(role, TokioIo::new(s)),
@@ -410,17 +405,21 @@ impl Serving {
         });
     }
 
-    fn serve<I>(self: &Arc<Self>, role: Role, io: I)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
+    /// What a newly accepted connection needs; it is watched for shutdown from now on.
+    fn conn_ctx(&self) -> ConnCtx {
         ConnCtx {
             shared: self.shared.clone(),
             builder: self.builder.clone(),
             watcher: self.graceful.watcher(),
             header_read_timeout: self.header_read_timeout,
         }
-        .serve(role, io);
+    }
+
+    fn serve<I>(self: &Arc<Self>, role: Role, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        self.conn_ctx().serve(role, io);
     }
 
     /// Loads the config again and swaps it in; the old one keeps serving if anything fails.
