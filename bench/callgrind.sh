@@ -40,7 +40,8 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $W;
 EOF
 nginx -p "$W" -e stderr -c "$W/upstream.conf" &
 PIDS+=($!)
-cat > "$W/credgate.toml" <<EOF
+mkdir -p "$W/conf"  # its own directory: credgate watches it, and the log is written in $W
+cat > "$W/conf/credgate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$PORT"
 [[route]]
@@ -68,7 +69,7 @@ PY
 instructions() { # requests after warm-up -> total instructions of the run
   rm -f "$W"/cg.out.*
   valgrind --tool=callgrind --callgrind-out-file="$W/cg.out.%p" \
-    "$CREDGATE_BIN" --config "$W/credgate.toml" --workers 1 >"$W/credgate.log" 2>&1 &
+    "$CREDGATE_BIN" --config "$W/conf/credgate.toml" --workers 1 >"$W/credgate.log" 2>&1 &
   local vg=$!
   for _ in $(seq 200); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
   drive 200

@@ -131,16 +131,19 @@ upstream = "http://127.0.0.1:$UP"
 $2
 EOF
 }
+# Each config in a directory of its own: credgate watches the directory of its config, and the
+# logs written in $RUN would wake every watcher on every write.
+for n in credgate credgate-nolog credgate-token baseline; do mkdir -p "$RUN/conf-$n"; done
 STATIC='type = "headers"
 headers = { "X-Client-ID" = { env = "BENCH_ID" }, "X-Client-Secret" = { env = "BENCH_SECRET" } }'
 TOKEN="type = \"oauth2_client_credentials\"
 token_url = \"http://127.0.0.1:$((BASE + 10))/oauth/token\"
 client_id = { env = \"BENCH_OAUTH_ID\" }
 client_secret = { env = \"BENCH_OAUTH_SECRET\" }"
-cg_conf $((BASE + 3)) "$STATIC" > "$RUN/credgate.toml"
-cg_conf $((BASE + 4)) "$STATIC" > "$RUN/credgate-nolog.toml"
-cg_conf $((BASE + 5)) "$TOKEN" > "$RUN/credgate-token.toml"
-cg_conf $((BASE + 6)) "$STATIC" > "$RUN/baseline.toml"
+cg_conf $((BASE + 3)) "$STATIC" > "$RUN/conf-credgate/credgate.toml"
+cg_conf $((BASE + 4)) "$STATIC" > "$RUN/conf-credgate-nolog/credgate.toml"
+cg_conf $((BASE + 5)) "$TOKEN" > "$RUN/conf-credgate-token/credgate.toml"
+cg_conf $((BASE + 6)) "$STATIC" > "$RUN/conf-baseline/credgate.toml"
 export BENCH_ID=test-id BENCH_SECRET=test-secret BENCH_OAUTH_ID=demo-oauth-client BENCH_OAUTH_SECRET=demo-oauth-secret
 wait_ok "http://127.0.0.1:$UP/"
 
@@ -148,7 +151,7 @@ wait_ok "http://127.0.0.1:$UP/"
 best=999999
 for _ in 1 2 3 4 5; do
   t0=$(date +%s%N)
-  setsid "$BIN" --config "$RUN/credgate.toml" --workers "$WORKERS" >/dev/null 2>&1 </dev/null &
+  setsid "$BIN" --config "$RUN/conf-credgate/credgate.toml" --workers "$WORKERS" >/dev/null 2>&1 </dev/null &
   p=$!
   until curl -s -o /dev/null -m 1 "http://127.0.0.1:$((BASE + 3))/"; do sleep 0.001; done
   t=$(( ($(date +%s%N) - t0) / 1000000 ))
@@ -157,13 +160,13 @@ for _ in 1 2 3 4 5; do
 done
 STARTUP_MS=$best
 
-start credgate env RUST_LOG=info "$BIN" --config "$RUN/credgate.toml" --workers "$WORKERS"
-start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/credgate-nolog.toml" --workers "$WORKERS"
-start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/credgate-token.toml" --workers "$WORKERS"
+start credgate env RUST_LOG=info "$BIN" --config "$RUN/conf-credgate/credgate.toml" --workers "$WORKERS"
+start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/conf-credgate-nolog/credgate.toml" --workers "$WORKERS"
+start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/conf-credgate-token/credgate.toml" --workers "$WORKERS"
 NAMES=(nginx nginx-log credgate credgate-nolog credgate-token direct)
 PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)) $UP)
 if [ -n "${BASELINE_BIN:-}" ]; then
-  start baseline env RUST_LOG=info "$BASELINE_BIN" --config "$RUN/baseline.toml" --workers "$WORKERS"
+  start baseline env RUST_LOG=info "$BASELINE_BIN" --config "$RUN/conf-baseline/credgate.toml" --workers "$WORKERS"
   NAMES+=(baseline); PORTS+=($((BASE + 6)))
 fi
 for i in "${!NAMES[@]}"; do

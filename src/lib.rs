@@ -13,7 +13,8 @@
 //! - [`proxy`]: the request path, top to bottom.
 //! - [`forward`]: the upstream clients, hop-by-hop headers, upstream URIs.
 //! - [`pool`]: reused HTTP/1.1 connections to a plaintext upstream.
-//! - [`server`]: listeners, connections, reload on SIGHUP or file change, graceful shutdown.
+//! - [`server`]: listeners, reload on SIGHUP or file change, graceful shutdown.
+//! - [`conn`]: one client connection: HTTP/1 or h2c, parked without buffers while idle.
 //! - [`admin`]: the admin listener: health, readiness, metrics, status.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: credgate's own errors and their one JSON shape.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod fake;

@@ -42,6 +42,8 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     /// Client connections currently open.
     pub open_connections: Gauge,
+    /// Of those, HTTP/1 connections parked while they wait for their next request.
+    pub idle_connections: Gauge,
 }
 
 impl Default for Metrics {
@@ -57,6 +59,7 @@ impl Default for Metrics {
             local_throttles: Family::default(),
             reloads: Family::default(),
             open_connections: Gauge::default(),
+            idle_connections: Gauge::default(),
         }
     }
 }
@@ -164,6 +167,11 @@ impl Metrics {
             "open_connections",
             "Client connections currently open",
             self.open_connections.clone(),
+        );
+        r.register(
+            "idle_connections",
+            "Client connections parked while they wait for their next request",
+            self.idle_connections.clone(),
         );
         let tokens = proxy
             .routes()

@@ -2,23 +2,19 @@
 //! gracefully.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config, ListenAddr, Matcher};
+use crate::conn::{Conn, Drain};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::route::Via;
@@ -179,15 +175,9 @@ impl Server {
     /// reads changes; then stops accepting and lets in-flight requests finish for up to the
     /// configured grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout);
         let ctx = Arc::new(Serving {
             shared: self.shared,
-            builder,
-            graceful: GracefulShutdown::new(),
+            drain: Drain::default(),
             running: Mutex::new(HashMap::new()),
             header_read_timeout: self.settings.header_read_timeout,
             workers: self.workers.map(Arc::new),
@@ -230,7 +220,7 @@ impl Server {
         match Arc::into_inner(ctx) {
             Some(ctx) => {
                 let closed =
-                    tokio::time::timeout(self.settings.shutdown_grace, ctx.graceful.shutdown());
+                    tokio::time::timeout(self.settings.shutdown_grace, ctx.drain.shutdown());
                 match closed.await {
                     Ok(()) => tracing::info!("all connections closed"),
                     Err(_) => tracing::warn!("grace period over; closing remaining connections"),
@@ -309,8 +299,7 @@ fn local_addr(s: &Socket) -> Option<SocketAddr> {
 /// Everything the listeners share while serving.
 struct Serving {
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
-    graceful: GracefulShutdown,
+    drain: Drain,
     /// The listeners accepting now, by what they are for and where. A std mutex: only the
     /// reloader and shutdown touch it, never across an await.
     running: Mutex<HashMap<Key, Running>>,
@@ -372,14 +361,14 @@ impl Serving {
                 a = accept(&socket) => a,
             };
             match accepted {
-                Ok(Conn::Tcp(s)) => {
+                Ok(Accepted::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
                     match &self.workers {
-                        None => self.serve(role.clone(), TokioIo::new(s)),
-                        Some(workers) => self.hand_over(workers, role.clone(), s),
+                        None => self.conn(&role).serve(s),
+                        Some(workers) => self.hand_over(workers, &role, s),
                     }
                 }
-                Ok(Conn::Unix(s)) => self.serve(role.clone(), TokioIo::new(s)),
+                Ok(Accepted::Unix(s)) => self.conn(&role).serve(s),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -390,36 +379,33 @@ impl Serving {
     }
 
     /// Serves `s` on the next worker: the socket moves to that worker's runtime.
-    fn hand_over(self: &Arc<Self>, workers: &Workers, role: Role, s: tokio::net::TcpStream) {
+    fn hand_over(&self, workers: &Workers, role: &Role, s: tokio::net::TcpStream) {
         let s = match s.into_std() {
             Ok(s) => s,
             Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
         };
         // Watched from now on, so a shutdown waits for it even before the worker takes it.
-        let conn = self.conn_ctx();
+        let conn = self.conn(role);
         workers.next().spawn(async move {
             match tokio::net::TcpStream::from_std(s) {
-                Ok(s) => conn.serve(role, TokioIo::new(s)),
+                Ok(s) => conn.serve(s),
                 Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
             }
         });
     }
 
     /// What a newly accepted connection needs; it is watched for shutdown from now on.
-    fn conn_ctx(&self) -> ConnCtx {
-        ConnCtx {
+    fn conn(&self, role: &Role) -> Conn {
+        Conn {
             shared: self.shared.clone(),
-            builder: self.builder.clone(),
-            watcher: self.graceful.watcher(),
+            stop: self.drain.stop_signal(),
             header_read_timeout: self.header_read_timeout,
+            admin: *role == Role::Admin,
+            via: match role {
+                Role::Dedicated(name) => Via::Dedicated(name.clone()),
+                _ => Via::Shared,
+            },
         }
-    }
-
-    fn serve<I>(self: &Arc<Self>, role: Role, io: I)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        self.conn_ctx().serve(role, io);
     }
 
     /// Loads the config again and swaps it in; the old one keeps serving if anything fails.
@@ -471,81 +457,15 @@ impl Serving {
     }
 }
 
-/// What serving one connection needs, taken when it is accepted.
-struct ConnCtx {
-    shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    header_read_timeout: Duration,
-}
-
-impl ConnCtx {
-    /// Serves `io` on the current runtime until the caller or a shutdown ends it.
-    fn serve<I>(self, role: Role, io: I)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let shared = self.shared.clone();
-        let started = Arc::new(AtomicBool::new(false));
-        let first_request = started.clone();
-        let admin = role == Role::Admin;
-        let via = match role {
-            Role::Dedicated(name) => Via::Dedicated(name),
-            _ => Via::Shared,
-        };
-        let svc = service_fn(move |req| {
-            first_request.store(true, Ordering::Relaxed);
-            let shared = shared.clone();
-            let via = via.clone();
-            // Boxed: the request path's future is large, and an idle keep-alive connection
-            // should not carry room for it between requests.
-            Box::pin(async move {
-                if admin {
-                    return Ok::<_, Infallible>(crate::admin::handle(&shared, req).await);
-                }
-                let proxy = shared.proxy.load_full();
-                Ok(proxy.handle(&via, req).await)
-            })
-        });
-        let conn = self.watcher.watch(
-            self.builder
-                .serve_connection_with_upgrades(io, svc)
-                .into_owned(),
-        );
-        let open = self.shared.metrics.open_connections.clone();
-        open.inc();
-        let first_within = self.header_read_timeout;
-        tokio::spawn(async move {
-            // A connection must bring a request within the header timeout: hyper's own timer
-            // starts only after its protocol sniffing (and HTTP/2 has none), so a silent client,
-            // a partial preface or an h2c handshake without a request would otherwise stay.
-            tokio::pin!(conn);
-            let result = match tokio::time::timeout(first_within, &mut conn).await {
-                Ok(r) => r,
-                Err(_) if !started.load(Ordering::Relaxed) => {
-                    tracing::debug!("connection closed: no request within the header timeout");
-                    open.dec();
-                    return;
-                }
-                Err(_) => conn.await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            open.dec();
-        });
-    }
-}
-
-enum Conn {
+enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(socket: &Socket) -> std::io::Result<Conn> {
+async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
     match socket {
-        Socket::Tcp(l) => l.accept().await.map(|(s, _)| Conn::Tcp(s)),
-        Socket::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+        Socket::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+        Socket::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
     }
 }
 

@@ -12,6 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
@@ -975,9 +976,22 @@ async fn sigterm_finishes_in_flight_requests_and_refuses_new_connections() {
     )
     .await;
     let addr = cg.addr();
+    // Idle connections must not hold the exit up: one parked after a request (credgate's own
+    // 404), one that has sent nothing.
+    let mut parked = TcpStream::connect(addr).await.unwrap();
+    parked
+        .write_all(b"GET /none HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = within("a 404", parked.read(&mut buf)).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 404"), "{:?}", &buf[..n]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
 
     let in_flight = tokio::spawn(async move { get(addr, "/slow/x", &[]).await });
     up.wait_for(1).await;
+    let signalled = Instant::now();
     cg.signal("TERM");
     assert!(!in_flight.is_finished(), "the request ended before SIGTERM");
     cg.wait_for_log("shutting down", |l| {
@@ -1002,6 +1016,15 @@ async fn sigterm_finishes_in_flight_requests_and_refuses_new_connections() {
     assert_eq!(r.json()["path"], "/x");
     let status = cg.wait_exit().await;
     assert!(status.success(), "exit status {status}:\n{}", cg.logs());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    for (what, s) in [("parked", &mut parked), ("silent", &mut silent)] {
+        let end = within(what, s.read(&mut buf)).await;
+        assert!(matches!(end, Ok(0) | Err(_)), "{what}: {end:?}");
+    }
 }
 
 // ---------------------------------------------------------------- 14. own listeners

@@ -637,6 +637,72 @@ async fn idle_keep_alive_connection_is_closed_at_header_read_timeout() {
     );
 }
 
+/// Reads from `s` into `read` until it holds `n` responses with status 200.
+async fn read_oks(s: &mut TcpStream, read: &mut Vec<u8>, n: usize) {
+    let mut buf = [0u8; 4096];
+    while read.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < n {
+        let got = within("a response", s.read(&mut buf)).await.unwrap();
+        assert!(got > 0, "closed early: {}", String::from_utf8_lossy(read));
+        read.extend_from_slice(&buf[..got]);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_parked_while_idle_serves_its_next_requests_whole() {
+    // An idle HTTP/1 connection parks (drops hyper's buffers) after 250 ms; these pauses are
+    // longer, and the third request pauses halfway through its head.
+    let up = Upstream::echo().await;
+    let cg = start_with_header_timeout(&up, "").await;
+    let mut s = within("connect", TcpStream::connect(cg.addr()))
+        .await
+        .unwrap();
+    let pause = Duration::from_millis(500);
+    let mut read = Vec::new();
+    let idle = |cg: &InProcess| {
+        let admin = cg.admin_addr();
+        async move {
+            let metrics = admin_get(admin, "/metrics").await;
+            sample(&metrics, "credgate_idle_connections ")
+        }
+    };
+
+    s.write_all(b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_oks(&mut s, &mut read, 1).await;
+    tokio::time::sleep(pause).await;
+    assert_eq!(idle(&cg).await, Some(1.0), "parked after the first request");
+
+    s.write_all(b"POST /api/b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    read_oks(&mut s, &mut read, 2).await;
+    tokio::time::sleep(pause).await;
+    s.write_all(b"GET /api/c HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(pause).await;
+    assert_eq!(
+        idle(&cg).await,
+        Some(0.0),
+        "not parked with half a head read"
+    );
+    s.write_all(b"st: x\r\n\r\n").await.unwrap();
+    read_oks(&mut s, &mut read, 3).await;
+
+    let got: Vec<_> = up
+        .received()
+        .iter()
+        .map(|r| (r.path_and_query().to_owned(), r.body.to_vec()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/a".to_owned(), b"".to_vec()),
+            ("/b".to_owned(), b"hello".to_vec()),
+            ("/c".to_owned(), b"".to_vec()),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn idle_h2c_connection_without_a_request_is_closed_at_header_read_timeout() {
     let up = Upstream::echo().await;
