@@ -7,13 +7,14 @@
 //! ([`http1::UpgradeableConnection::into_parts`]): what stays is the socket and the service,
 //! and a new hyper connection is made when the socket is readable again. Whether hyper is
 //! waiting for a request head is learnt from the one timer it starts for that wait, the header
-//! read timeout, given to it here per connection.
+//! read timeout, given to it here per connection. A parked connection keeps that timeout's
+//! deadline: parking never gives a client more time than hyper would.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -111,11 +112,10 @@ pub struct Conn {
 impl Conn {
     /// Serves `stream` on the current runtime until the client, an error or a shutdown ends it.
     pub fn serve(self, stream: impl Stream) {
-        let open = self.shared.metrics.open_connections.clone();
-        open.inc();
+        let open = Counted::new(&self.shared.metrics.open_connections);
         tokio::spawn(async move {
             self.run(stream).await;
-            open.dec();
+            drop(open);
         });
     }
 
@@ -133,10 +133,11 @@ impl Conn {
         let mut stream = TokioIo::new(stream);
         // A connection must bring a request within the header timeout; until its first bytes
         // it holds no more than its socket.
+        let first_by = tokio::time::Instant::now() + header_read_timeout;
         let sniffed = tokio::select! {
             biased;
             _ = stop.clone().requested() => return,
-            r = tokio::time::timeout(header_read_timeout, sniff(stream.inner_mut())) => r,
+            r = tokio::time::timeout_at(first_by, sniff(stream.inner_mut())) => r,
         };
         let ahead = match sniffed {
             Ok(Ok(ahead)) if !ahead.is_empty() => ahead,
@@ -146,7 +147,8 @@ impl Conn {
                 return tracing::debug!("connection closed: no request within the header timeout")
             }
         };
-        let idle = Arc::new(Idle::default());
+        let idle = Arc::new(Idle::new());
+        idle.keep_deadline(first_by);
         let io = ConnIo {
             stream,
             ahead,
@@ -156,14 +158,14 @@ impl Conn {
             shared,
             admin,
             via,
+            idle: idle.clone(),
             started: Arc::new(AtomicBool::new(false)),
         };
         if io.ahead.starts_with(H2_PREFACE) {
             // Boxed: the task of every HTTP/1 connection would otherwise carry room for it.
-            Box::pin(serve_h2(io, svc, header_read_timeout, stop)).await
+            Box::pin(serve_h2(io, svc, first_by, stop)).await
         } else {
-            let parked = svc.shared.metrics.idle_connections.clone();
-            serve_h1(io, svc, idle, header_read_timeout, stop, &parked).await
+            serve_h1(io, svc, idle, header_read_timeout, stop).await
         }
     }
 }
@@ -185,7 +187,7 @@ async fn sniff(stream: &mut impl Stream) -> io::Result<Bytes> {
 async fn serve_h2<S: Stream>(
     io: ConnIo<S>,
     svc: Svc,
-    header_read_timeout: Duration,
+    first_by: tokio::time::Instant,
     stop: StopSignal,
 ) {
     let started = svc.started.clone();
@@ -196,7 +198,7 @@ async fn serve_h2<S: Stream>(
     let mut stop = pin!(stop.requested());
     // HTTP/2 has no header read timeout of its own: a handshake without a request must not
     // keep the connection.
-    let first = tokio::time::sleep(header_read_timeout);
+    let first = tokio::time::sleep_until(first_by);
     let mut first = pin!(first);
     let mut stopping = false;
     let result = poll_fn(|cx| {
@@ -229,14 +231,14 @@ async fn serve_h1<S: Stream>(
     idle: Arc<Idle>,
     header_read_timeout: Duration,
     stop: StopSignal,
-    parked: &Gauge,
 ) {
     let mut builder = http1::Builder::new();
     builder
         .timer(HeadTimer(idle.clone()))
         .header_read_timeout(header_read_timeout);
     // Polled once to be woken by it; after that a cheap check tells whether it woke us.
-    let mut stopped = pin!(stop.clone().requested());
+    // Unconstrained: a poll refused for want of coop budget would register no wake-up.
+    let mut stopped = pin!(tokio::task::unconstrained(stop.clone().requested()));
     let mut waiting_for_stop = false;
     loop {
         // Boxed: a parked connection's task keeps no room for it.
@@ -278,21 +280,23 @@ async fn serve_h1<S: Stream>(
                     io.ahead = Bytes::copy_from_slice(&read_buf);
                 }
                 drop(read_buf);
-                idle.park_due.store(false, Ordering::Relaxed);
-                // What is left of the header read timeout hyper was counting down.
-                let idle_left = header_read_timeout.saturating_sub(PARK_AFTER);
+                // The header read timeout hyper was counting down still runs, and the next
+                // hyper connection keeps it.
+                let deadline = idle.head_deadline();
                 let readable = poll_fn(|cx| io.stream.inner().poll_read_ready(cx));
-                parked.inc();
+                let parked = Counted::new(&svc.shared.metrics.idle_connections);
+                // A request that came in is served (and then closed, if a shutdown began).
                 let woke = tokio::select! {
                     biased;
-                    _ = stopped.as_mut() => None,
                     r = readable => Some(r),
-                    _ = tokio::time::sleep(idle_left) => {
+                    _ = stopped.as_mut() => None,
+                    _ = tokio::time::sleep_until(deadline) => {
                         tracing::debug!("idle connection closed at the header read timeout");
                         None
                     }
                 };
-                parked.dec();
+                drop(parked);
+                idle.keep_deadline(deadline);
                 match woke {
                     Some(Ok(())) => continue,
                     Some(Err(e)) => {
@@ -315,34 +319,98 @@ struct Svc {
     shared: Arc<Shared>,
     admin: bool,
     via: Via,
+    idle: Arc<Idle>,
     /// Set by the first request (the h2 path waits for one within the header timeout).
     started: Arc<AtomicBool>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Svc {
-    type Response = Response<Body>;
+    type Response = Response<Tracked>;
     type Error = Infallible;
     // Boxed: the request path's future is large, and an idle keep-alive connection should not
     // carry room for it between requests.
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.started.store(true, Ordering::Relaxed);
+        let in_flight = InFlight::new(&self.idle);
         let shared = self.shared.clone();
         let via = self.via.clone();
         let admin = self.admin;
         Box::pin(async move {
-            if admin {
-                return Ok(crate::admin::handle(&shared, req).await);
-            }
-            let proxy = shared.proxy.load_full();
-            Ok(proxy.handle(&via, req).await)
+            let res = if admin {
+                crate::admin::handle(&shared, req).await
+            } else {
+                shared.proxy.load_full().handle(&via, req).await
+            };
+            Ok(res.map(|body| Tracked { body, in_flight }))
         })
     }
 }
 
+/// One request, from the service call until hyper drops its response body (which it does
+/// once the body has ended, or when the exchange is abandoned).
+struct InFlight(Arc<Idle>);
+
+impl InFlight {
+    fn new(idle: &Arc<Idle>) -> Self {
+        idle.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(idle.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts as in flight until it is dropped.
+    pub struct Tracked {
+        #[pin]
+        body: Body,
+        in_flight: InFlight,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// One in a gauge while it lives.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What an HTTP/1 connection's parts tell the serving loop; all on one task, so relaxed.
-#[derive(Default)]
 struct Idle {
     /// All hyper wrote has been flushed to the socket.
     flushed: AtomicBool,
@@ -350,15 +418,66 @@ struct Idle {
     got_bytes: AtomicBool,
     /// hyper has waited [`PARK_AFTER`] for a request head.
     park_due: AtomicBool,
+    /// Requests whose response hyper still holds.
+    in_flight: AtomicUsize,
+    /// Deadlines, as nanoseconds after `base`: of the current (or last) wait for a head, and
+    /// one the next wait must keep (0: none).
+    base: tokio::time::Instant,
+    head_deadline: AtomicU64,
+    kept_deadline: AtomicU64,
 }
 
 impl Idle {
+    fn new() -> Self {
+        Self {
+            flushed: AtomicBool::new(false),
+            got_bytes: AtomicBool::new(false),
+            park_due: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            base: tokio::time::Instant::now(),
+            head_deadline: AtomicU64::new(0),
+            kept_deadline: AtomicU64::new(0),
+        }
+    }
+
     /// Nothing would be lost by taking the connection apart now: hyper is waiting for a
-    /// request head, has read none of it, and has nothing left to write.
+    /// request head, has read none of it, has nothing left to write, and holds no response.
     fn may_park(&self) -> bool {
         self.park_due.load(Ordering::Relaxed)
             && self.flushed.load(Ordering::Relaxed)
             && !self.got_bytes.load(Ordering::Relaxed)
+            && self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// The next wait for a head ends by `deadline` at the latest.
+    fn keep_deadline(&self, deadline: tokio::time::Instant) {
+        self.kept_deadline
+            .store(self.nanos(deadline), Ordering::Relaxed);
+    }
+
+    fn head_deadline(&self) -> tokio::time::Instant {
+        self.at(self.head_deadline.load(Ordering::Relaxed))
+    }
+
+    /// Starts a wait for a head that hyper would end at `deadline`: returns when it ends.
+    fn start_head_wait(&self, deadline: tokio::time::Instant) -> tokio::time::Instant {
+        let deadline = match self.kept_deadline.swap(0, Ordering::Relaxed) {
+            0 => deadline,
+            kept => deadline.min(self.at(kept)),
+        };
+        self.head_deadline
+            .store(self.nanos(deadline), Ordering::Relaxed);
+        self.got_bytes.store(false, Ordering::Relaxed);
+        deadline
+    }
+
+    fn nanos(&self, t: tokio::time::Instant) -> u64 {
+        let n = t.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(n).unwrap_or(u64::MAX).max(1)
+    }
+
+    fn at(&self, nanos: u64) -> tokio::time::Instant {
+        self.base + Duration::from_nanos(nanos)
     }
 }
 
@@ -373,14 +492,15 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let deadline = tokio::time::Instant::from_std(deadline);
+        let deadline = self
+            .0
+            .start_head_wait(tokio::time::Instant::from_std(deadline));
         let park_at = tokio::time::Instant::now() + PARK_AFTER;
         let (first, then) = if park_at < deadline {
             (park_at, Some(deadline))
         } else {
             (deadline, None)
         };
-        self.0.got_bytes.store(false, Ordering::Relaxed);
         Box::pin(HeadWait {
             sleep: tokio::time::sleep_until(first),
             then,
