@@ -32,8 +32,9 @@ use crate::body::Body;
 use crate::route::Via;
 use crate::server::Shared;
 
-/// How long an HTTP/1 connection waits for its next request before it parks. Parking and
-/// unparking cost about as much as a small request, so a connection in use never parks.
+/// How long an HTTP/1 connection waits for its next request before it parks (at most twice
+/// this: a sweep every `PARK_AFTER` finds it). Parking and unparking cost about as much as a
+/// small request, so a connection in use never parks.
 pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -420,6 +421,10 @@ struct Idle {
     park_due: AtomicBool,
     /// Requests whose response hyper still holds.
     in_flight: AtomicUsize,
+    /// Watched by this thread's [`sweeper`].
+    watched: AtomicBool,
+    /// When hyper began its current wait for a head (0: it is not waiting), as below.
+    head_started: AtomicU64,
     /// Deadlines, as nanoseconds after `base`: of the current (or last) wait for a head, and
     /// one the next wait must keep (0: none).
     base: tokio::time::Instant,
@@ -434,6 +439,8 @@ impl Idle {
             got_bytes: AtomicBool::new(false),
             park_due: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            watched: AtomicBool::new(false),
+            head_started: AtomicU64::new(0),
             base: tokio::time::Instant::now(),
             head_deadline: AtomicU64::new(0),
             kept_deadline: AtomicU64::new(0),
@@ -467,8 +474,18 @@ impl Idle {
         };
         self.head_deadline
             .store(self.nanos(deadline), Ordering::Relaxed);
+        self.head_started
+            .store(self.nanos(tokio::time::Instant::now()), Ordering::Relaxed);
         self.got_bytes.store(false, Ordering::Relaxed);
         deadline
+    }
+
+    /// How long hyper has waited for a head (zero if it is not waiting).
+    fn waited_for_head(&self, now: tokio::time::Instant) -> Duration {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            started => now.saturating_duration_since(self.at(started)),
+        }
     }
 
     fn nanos(&self, t: tokio::time::Instant) -> u64 {
@@ -495,35 +512,28 @@ impl hyper::rt::Timer for HeadTimer {
         let deadline = self
             .0
             .start_head_wait(tokio::time::Instant::from_std(deadline));
-        let park_at = tokio::time::Instant::now() + PARK_AFTER;
-        let (first, then) = if park_at < deadline {
-            (park_at, Some(deadline))
-        } else {
-            (deadline, None)
-        };
         Box::pin(HeadWait {
-            sleep: tokio::time::sleep_until(first),
-            then,
+            sleep: tokio::time::sleep_until(deadline),
             waiting: Waiting(self.0.clone()),
         })
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The wait for a request head: first until parking is due, then until the timeout.
+    /// The wait for a request head, until the header read timeout.
     struct HeadWait {
         #[pin]
         sleep: tokio::time::Sleep,
-        then: Option<tokio::time::Instant>,
         waiting: Waiting,
     }
 }
 
-/// Clears `park_due` when the wait for a head ends.
+/// Marks the end of a wait for a head.
 struct Waiting(Arc<Idle>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        self.0.head_started.store(0, Ordering::Relaxed);
         self.0.park_due.store(false, Ordering::Relaxed);
     }
 }
@@ -532,20 +542,80 @@ impl Future for HeadWait {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        ready!(this.sleep.as_mut().poll(cx));
-        match this.then.take() {
-            Some(deadline) => {
-                this.waiting.0.park_due.store(true, Ordering::Relaxed);
-                this.sleep.as_mut().reset(deadline);
-                this.sleep.poll(cx)
-            }
-            None => Poll::Ready(()),
-        }
+        let this = self.project();
+        // Polled only once the head is not all there: the connection may be idle.
+        sweeper::watch(&this.waiting.0, cx);
+        this.sleep.poll(cx)
     }
 }
 
 impl hyper::rt::Sleep for HeadWait {}
+
+/// Sets `park_due` on this thread's connections that have waited [`PARK_AFTER`] for a head,
+/// and wakes them. One task per thread ticking every [`PARK_AFTER`], instead of a timer per
+/// request: a timer set earlier than the runtime's next wake-up costs a wake-up syscall.
+mod sweeper {
+    use std::cell::RefCell;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Weak};
+    use std::task::{Context, Waker};
+
+    use super::{Idle, PARK_AFTER};
+
+    thread_local! {
+        static WATCHED: RefCell<Watched> = const { RefCell::new(Watched { conns: Vec::new(), sweeping: false }) };
+    }
+
+    struct Watched {
+        /// Each connection once, with its task's waker.
+        conns: Vec<(Weak<Idle>, Waker)>,
+        sweeping: bool,
+    }
+
+    /// Watches the connection of `idle` from now on (once per connection).
+    pub(super) fn watch(idle: &Arc<Idle>, cx: &Context<'_>) {
+        if idle.watched.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let start = WATCHED.with(|w| {
+            let mut w = w.borrow_mut();
+            w.conns.push((Arc::downgrade(idle), cx.waker().clone()));
+            !std::mem::replace(&mut w.sweeping, true)
+        });
+        if start {
+            tokio::spawn(sweep());
+        }
+    }
+
+    async fn sweep() {
+        let mut tick = tokio::time::interval(PARK_AFTER);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            let done = WATCHED.with(|w| {
+                let mut w = w.borrow_mut();
+                w.conns.retain(|(idle, waker)| {
+                    let Some(idle) = idle.upgrade() else {
+                        return false;
+                    };
+                    if idle.waited_for_head(now) >= PARK_AFTER
+                        && !idle.park_due.swap(true, Ordering::Relaxed)
+                    {
+                        waker.wake_by_ref();
+                    }
+                    true
+                });
+                w.sweeping = !w.conns.is_empty();
+                !w.sweeping
+            });
+            if done {
+                return;
+            }
+        }
+    }
+}
 
 /// The client's stream as hyper sees it: bytes already read come first, and writes and
 /// flushes are recorded in [`Idle`].

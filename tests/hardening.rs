@@ -649,8 +649,8 @@ async fn read_oks(s: &mut TcpStream, read: &mut Vec<u8>, n: usize) {
 
 #[tokio::test]
 async fn a_connection_parked_while_idle_serves_its_next_requests_whole() {
-    // An idle HTTP/1 connection parks (drops hyper's buffers) after 250 ms; these pauses are
-    // longer, and the third request pauses halfway through its head (all well within the
+    // An idle HTTP/1 connection parks (drops hyper's buffers) after 250 to 500 ms; these
+    // pauses are longer, and the third request pauses halfway through its head (all well within the
     // header read timeout, which also bounds a wait that parks).
     let up = Upstream::echo().await;
     let cg = start_in_process(&config_with_admin(
@@ -661,7 +661,7 @@ async fn a_connection_parked_while_idle_serves_its_next_requests_whole() {
     let mut s = within("connect", TcpStream::connect(cg.addr()))
         .await
         .unwrap();
-    let pause = Duration::from_millis(500);
+    let pause = Duration::from_millis(800);
     let mut read = Vec::new();
     let idle = |cg: &InProcess| {
         let admin = cg.admin_addr();
@@ -711,7 +711,7 @@ async fn a_connection_parked_while_idle_serves_its_next_requests_whole() {
 #[tokio::test]
 async fn a_parked_connection_keeps_its_header_read_deadline() {
     // header_read_timeout = 1s counts from the end of the last response: a connection that
-    // parked (after 250 ms) and then starts a head at 700 ms has until 1 s, not 1.7 s.
+    // parked (after 250 to 500 ms) and then starts a head at 700 ms has until 1 s, not 1.7 s.
     let up = Upstream::echo().await;
     let cg = start_with_header_timeout(&up, "").await;
 
