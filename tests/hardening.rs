@@ -140,6 +140,18 @@ async fn exchange(
     }
 }
 
+/// The first response was a 200, and the server closed the connection between `from` and `to`
+/// after connecting.
+fn assert_answered_then_closed(ex: &Exchange, from: Duration, to: Duration) {
+    assert_eq!(ex.status, Some(200), "{}", ex.text());
+    assert!(
+        ex.closed && ex.after >= from && ex.after < to,
+        "closed: {}, after {:?}",
+        ex.closed,
+        ex.after
+    );
+}
+
 /// Sends one raw request (with `Connection: close` expected inside) and reads the answer.
 async fn raw_request(addr: SocketAddr, request: &[u8]) -> Exchange {
     exchange(addr, vec![request.to_vec()], Duration::ZERO, WAIT).await
@@ -626,15 +638,7 @@ async fn idle_keep_alive_connection_is_closed_at_header_read_timeout() {
     )
     .await;
 
-    assert_eq!(ex.status, Some(200), "{}", ex.text());
-    assert!(
-        ex.closed
-            && ex.after >= Duration::from_millis(900)
-            && ex.after < Duration::from_millis(2500),
-        "closed: {}, after {:?}",
-        ex.closed,
-        ex.after
-    );
+    assert_answered_then_closed(&ex, Duration::from_millis(900), Duration::from_millis(2500));
 }
 
 /// Reads from `s` into `read` until it holds `n` responses with status 200.
@@ -726,15 +730,7 @@ async fn a_parked_connection_keeps_its_header_read_deadline() {
     )
     .await;
 
-    assert_eq!(ex.status, Some(200), "{}", ex.text());
-    assert!(
-        ex.closed
-            && ex.after >= Duration::from_millis(900)
-            && ex.after < Duration::from_millis(1500),
-        "closed: {}, after {:?}",
-        ex.closed,
-        ex.after
-    );
+    assert_answered_then_closed(&ex, Duration::from_millis(900), Duration::from_millis(1500));
     assert_eq!(up.count(), 1);
 }
 
