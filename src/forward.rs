@@ -181,7 +181,8 @@ fn system_roots() -> &'static RootCertStore {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// proxy credentials a caller may send to credgate itself.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// A `static`, not a `const`: a `const` array would be built (and dropped) at every use.
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -196,7 +197,17 @@ const UPGRADE_INDEX: usize = 8;
 
 /// Whether a header is hop-by-hop (never forwarded, never injectable).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    hop_index(name).is_some()
+}
+
+/// The header's place in [`HOP_BY_HOP`]. Most names differ in length from every hop-by-hop
+/// name, so one comparison rules them out (this runs for every header of every message).
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    let name = name.as_str();
+    if !matches!(name.len(), 2 | 7 | 10 | 16..=19) {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h.as_str() == name)
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
@@ -206,7 +217,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // carry none, or only `Connection: keep-alive`); only those are removed.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_index(name) {
             present |= 1 << i;
         }
     }
@@ -326,6 +337,16 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
         assert_eq!(HOP_BY_HOP[UPGRADE_INDEX], header::UPGRADE);
+    }
+
+    #[test]
+    fn every_hop_by_hop_name_is_recognised() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["host", "x-connection", "trailers", "tes", "content-length"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

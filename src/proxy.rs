@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap, Request, Response, StatusCode, Version};
+use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
@@ -121,16 +121,17 @@ impl Proxy {
     }
 
     /// Handles one request from a caller; never fails (errors become JSON responses).
-    pub async fn handle(&self, via: &Via, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, via: &Via, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        // Taken out (not cloned): the request path reads it, the log line names its path.
+        let uri = std::mem::take(req.uri_mut());
         let mut outcome = Outcome {
             route: None,
             upstream: None,
             attempts: 0,
         };
-        let res = match self.forward(via, req, &mut outcome).await {
+        let res = match self.forward(via, &uri, req, &mut outcome).await {
             Ok(res) => res,
             Err(e) => {
                 let route = outcome.route.map(|r| &*r.route.name);
@@ -158,11 +159,12 @@ impl Proxy {
     async fn forward<'a>(
         &'a self,
         via: &Via,
+        uri: &Uri,
         mut req: Request<Incoming>,
         out: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(local) = &self.local_token {
-            local.check(&req)?;
+            local.check(uri, &req)?;
         }
         if req.method() == http::Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
@@ -171,10 +173,9 @@ impl Proxy {
         let upgrade = forward::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let uri = std::mem::take(&mut parts.uri);
 
         // 1. Route.
-        let matched = self.table.find(via, parts.version, &uri, &parts.headers)?;
+        let matched = self.table.find(via, parts.version, uri, &parts.headers)?;
         let state = &self.routes[matched.route];
         let route = &state.route;
         out.route = Some(state);
@@ -240,10 +241,19 @@ impl Proxy {
             let target =
                 forward::path_and_query(upstream, matched.add_base_path, path, query.as_deref())
                     .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
+            // Sized once for what is added: growing a full map moves and rehashes it.
+            let added = grant.headers.len() + 1;
             let mut headers = if body.replayable() {
-                parts.headers.clone()
+                // A copy goes upstream; the caller's headers stay for a replay.
+                let mut copy = HeaderMap::with_capacity(parts.headers.len() + added);
+                for (name, value) in &parts.headers {
+                    copy.append(name.clone(), value.clone());
+                }
+                copy
             } else {
-                std::mem::take(&mut parts.headers)
+                let mut headers = std::mem::take(&mut parts.headers);
+                headers.reserve(added);
+                headers
             };
             if grant.upstream.is_some() {
                 headers.insert(header::HOST, upstream.host_header.clone());
@@ -346,7 +356,7 @@ impl LocalToken {
     /// Accepts `Proxy-Authorization: Bearer <t>`, `Basic` with `<t>` as the password (so
     /// `HTTP_PROXY=http://x:<t>@127.0.0.1:8080` works), or the configured header. Compared in
     /// constant time. Forward-proxy requests get 407, others 401.
-    fn check(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn check(&self, uri: &Uri, req: &Request<Incoming>) -> Result<(), ProxyError> {
         let h = req.headers();
         let from_proxy_auth = h.get(header::PROXY_AUTHORIZATION).and_then(|v| {
             let v = v.to_str().ok()?;
@@ -377,7 +387,7 @@ impl LocalToken {
             Ok(())
         } else {
             Err(ProxyError::LocalTokenRequired {
-                forward_proxy: req.uri().authority().is_some() && req.version() != Version::HTTP_2,
+                forward_proxy: uri.authority().is_some() && req.version() != Version::HTTP_2,
             })
         }
     }

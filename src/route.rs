@@ -108,10 +108,7 @@ impl RouteTable {
                     add_base_path: true,
                 })
             }
-            Via::Shared => {
-                let host = request_host(version, uri, headers);
-                self.find_shared(host.as_deref(), path)
-            }
+            Via::Shared => self.find_shared(request_host(version, uri, headers), path),
         }
     }
 
@@ -121,8 +118,11 @@ impl RouteTable {
         path: &'u str,
     ) -> Result<Matched<'u>, ProxyError> {
         for (route, rhost, prefix) in &self.shared {
-            if rhost.is_some() && rhost.as_deref() != host {
-                continue;
+            if let Some(rhost) = rhost {
+                // Configured hosts are lowercase; the request's may be in any case.
+                if !host.is_some_and(|h| h.eq_ignore_ascii_case(rhost)) {
+                    continue;
+                }
             }
             let rest = match prefix.as_deref() {
                 None | Some("/") => path,
@@ -181,8 +181,9 @@ impl RouteTable {
     }
 }
 
-/// The request's host name (lowercase, no port): the Host header, or the URI authority in HTTP/2.
-fn request_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+/// The request's host name (no port, no trailing dot, in the caller's case): the Host header,
+/// or the URI authority in HTTP/2.
+fn request_host<'a>(version: Version, uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     let raw = match (version, uri.host()) {
         (Version::HTTP_2, Some(h)) => h,
         _ => headers.get(http::header::HOST)?.to_str().ok()?,
@@ -192,7 +193,7 @@ fn request_host(version: Version, uri: &Uri, headers: &HeaderMap) -> Option<Stri
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
-    Some(host.trim_end_matches('.').to_ascii_lowercase())
+    Some(host.trim_end_matches('.'))
 }
 
 /// Whether an authority's port, if any, is a valid port number (`http` parses "99999"
@@ -218,6 +219,10 @@ pub(crate) fn segment_prefix(path: &str, base: &str) -> bool {
 /// Refuses dot segments, however an upstream might see them (plain, percent-encoded, or
 /// beside an encoded slash or a backslash), so no path can climb out of its route.
 fn check_path(path: &str) -> Result<(), ProxyError> {
+    // A dot segment needs a '.', literal or encoded (%2e): most paths have neither.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return Ok(());
+    }
     let is_dot = |seg: &str| seg == "." || seg == "..";
     if path.split('/').any(is_dot) || decoded_path(path).split(['/', '\\']).any(is_dot) {
         return Err(ProxyError::BadRequest(
