@@ -235,7 +235,10 @@ async fn serve_h1<S: Stream>(
 ) {
     let mut builder = http1::Builder::new();
     builder
-        .timer(HeadTimer(idle.clone()))
+        .timer(HeadTimer {
+            idle: idle.clone(),
+            timeout: header_read_timeout,
+        })
         .header_read_timeout(header_read_timeout);
     // Polled once to be woken by it; after that a cheap check tells whether it woke us.
     // Unconstrained: a poll refused for want of coop budget would register no wake-up.
@@ -423,6 +426,12 @@ struct Idle {
     in_flight: AtomicUsize,
     /// Watched by this thread's [`sweeper`].
     watched: AtomicBool,
+    /// On a single-threaded runtime (credgate's workers), the [`sweeper`] of the connection's
+    /// thread ends waits for a head at their deadline and parks idle connections; elsewhere
+    /// (a test's multi-threaded runtime) a tokio timer ends those waits and nothing parks.
+    swept: bool,
+    /// The sweeper found the current wait for a head past its deadline.
+    head_expired: AtomicBool,
     /// When hyper began its current wait for a head (0: it is not waiting), as below.
     head_started: AtomicU64,
     /// Deadlines, as nanoseconds after `base`: of the current (or last) wait for a head, and
@@ -440,6 +449,9 @@ impl Idle {
             park_due: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             watched: AtomicBool::new(false),
+            swept: tokio::runtime::Handle::current().runtime_flavor()
+                == tokio::runtime::RuntimeFlavor::CurrentThread,
+            head_expired: AtomicBool::new(false),
             head_started: AtomicU64::new(0),
             base: tokio::time::Instant::now(),
             head_deadline: AtomicU64::new(0),
@@ -466,8 +478,13 @@ impl Idle {
         self.at(self.head_deadline.load(Ordering::Relaxed))
     }
 
-    /// Starts a wait for a head that hyper would end at `deadline`: returns when it ends.
-    fn start_head_wait(&self, deadline: tokio::time::Instant) -> tokio::time::Instant {
+    /// Starts a wait for a head, begun at `started`, that hyper would end at `deadline`:
+    /// returns when it ends.
+    fn start_head_wait(
+        &self,
+        started: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> tokio::time::Instant {
         let deadline = match self.kept_deadline.swap(0, Ordering::Relaxed) {
             0 => deadline,
             kept => deadline.min(self.at(kept)),
@@ -475,17 +492,24 @@ impl Idle {
         self.head_deadline
             .store(self.nanos(deadline), Ordering::Relaxed);
         self.head_started
-            .store(self.nanos(tokio::time::Instant::now()), Ordering::Relaxed);
+            .store(self.nanos(started), Ordering::Relaxed);
+        self.head_expired.store(false, Ordering::Relaxed);
         self.got_bytes.store(false, Ordering::Relaxed);
         deadline
     }
 
-    /// How long hyper has waited for a head (zero if it is not waiting).
-    fn waited_for_head(&self, now: tokio::time::Instant) -> Duration {
-        match self.head_started.load(Ordering::Relaxed) {
-            0 => Duration::ZERO,
-            started => now.saturating_duration_since(self.at(started)),
-        }
+    /// The sweeper's look at a connection at `now`: flags a wait for a head that has reached
+    /// its deadline or [`PARK_AFTER`]; returns whether that is news (the task must be woken).
+    fn sweep(&self, now: tokio::time::Instant) -> bool {
+        let started = match self.head_started.load(Ordering::Relaxed) {
+            0 => return false,
+            started => self.at(started),
+        };
+        let expired =
+            now >= self.head_deadline() && !self.head_expired.swap(true, Ordering::Relaxed);
+        let park = now.saturating_duration_since(started) >= PARK_AFTER
+            && !self.park_due.swap(true, Ordering::Relaxed);
+        expired || park
     }
 
     fn nanos(&self, t: tokio::time::Instant) -> u64 {
@@ -499,31 +523,37 @@ impl Idle {
 }
 
 /// hyper's timer for one HTTP/1 server connection, whose only timer is the header read
-/// timeout: it runs exactly while hyper waits for a request head.
+/// timeout (`timeout`): it runs exactly while hyper waits for a request head.
 #[derive(Clone)]
-struct HeadTimer(Arc<Idle>);
+struct HeadTimer {
+    idle: Arc<Idle>,
+    timeout: Duration,
+}
 
 impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
         self.sleep_until(Instant::now() + duration)
     }
 
+    /// hyper asks for `now + timeout` as each wait for a head begins.
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let deadline = self
-            .0
-            .start_head_wait(tokio::time::Instant::from_std(deadline));
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let deadline = self.idle.start_head_wait(deadline - self.timeout, deadline);
         Box::pin(HeadWait {
-            sleep: tokio::time::sleep_until(deadline),
-            waiting: Waiting(self.0.clone()),
+            // A tokio timer per request costs a timer-wheel entry, and a wake-up syscall
+            // whenever it is due sooner than any before it; the sweep is free.
+            sleep: (!self.idle.swept).then(|| tokio::time::sleep_until(deadline)),
+            waiting: Waiting(self.idle.clone()),
         })
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The wait for a request head, until the header read timeout.
+    /// The wait for a request head, until the header read timeout: ended by the sweeper (at
+    /// most [`PARK_AFTER`] late), or by a tokio timer where there is no sweeper.
     struct HeadWait {
         #[pin]
-        sleep: tokio::time::Sleep,
+        sleep: Option<tokio::time::Sleep>,
         waiting: Waiting,
     }
 }
@@ -535,6 +565,7 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.head_started.store(0, Ordering::Relaxed);
         self.0.park_due.store(false, Ordering::Relaxed);
+        self.0.head_expired.store(false, Ordering::Relaxed);
     }
 }
 
@@ -543,17 +574,26 @@ impl Future for HeadWait {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
+        if let Some(sleep) = this.sleep.as_pin_mut() {
+            return sleep.poll(cx);
+        }
         // Polled only once the head is not all there: the connection may be idle.
-        sweeper::watch(&this.waiting.0, cx);
-        this.sleep.poll(cx)
+        let idle = &this.waiting.0;
+        sweeper::watch(idle, cx);
+        if idle.head_expired.load(Ordering::Relaxed) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
 impl hyper::rt::Sleep for HeadWait {}
 
-/// Sets `park_due` on this thread's connections that have waited [`PARK_AFTER`] for a head,
-/// and wakes them. One task per thread ticking every [`PARK_AFTER`], instead of a timer per
-/// request: a timer set earlier than the runtime's next wake-up costs a wake-up syscall.
+/// Wakes this thread's connections that have waited [`PARK_AFTER`] for a head (to park), or
+/// past their header read deadline (to close). One task per thread ticking every
+/// [`PARK_AFTER`], instead of timers per request: each costs a timer-wheel entry, and a
+/// wake-up syscall when it is due sooner than the runtime's next wake-up.
 mod sweeper {
     use std::cell::RefCell;
     use std::sync::atomic::Ordering;
@@ -600,9 +640,7 @@ mod sweeper {
                     let Some(idle) = idle.upgrade() else {
                         return false;
                     };
-                    if idle.waited_for_head(now) >= PARK_AFTER
-                        && !idle.park_due.swap(true, Ordering::Relaxed)
-                    {
+                    if idle.sweep(now) {
                         waker.wake_by_ref();
                     }
                     true

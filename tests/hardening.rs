@@ -541,6 +541,26 @@ async fn slowloris_headers_are_cut_at_header_read_timeout_while_others_are_serve
     assert_eq!(up.only().path_and_query(), "/served");
 }
 
+/// On credgate's own (single-threaded) workers a per-thread sweep ends a wait for a head; the
+/// server type run on a multi-threaded runtime has no such sweep and uses a tokio timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_multi_threaded_runtime_a_stalled_head_is_cut_at_header_read_timeout() {
+    let up = Upstream::echo().await;
+    let cg = start_with_header_timeout(&up, "").await;
+    let ex = exchange(
+        cg.addr(),
+        vec![
+            b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"GET /api/y HTTP/1.1\r\nX-Slow: ".to_vec(),
+        ],
+        Duration::from_millis(100),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert_answered_then_closed(&ex, Duration::from_millis(900), Duration::from_millis(2500));
+    assert_eq!(up.count(), 1);
+}
+
 #[tokio::test]
 async fn silent_and_preface_prefix_connections_are_closed_at_header_read_timeout() {
     let up = Upstream::echo().await;
