@@ -176,7 +176,9 @@ where
         if self.json {
             w.write_str("{\"timestamp\":\"")?;
             timestamp(&mut w)?;
-            write!(w, "\",\"level\":\"{}\"", meta.level())?;
+            w.write_str("\",\"level\":\"")?;
+            w.write_str(meta.level().as_str())?;
+            w.write_str("\"")?;
             let mut fields = Fields {
                 w: &mut w,
                 rest: None,
@@ -189,7 +191,13 @@ where
             w.write_str("}\n")
         } else {
             timestamp(&mut w)?;
-            write!(w, " {:>5} {}:", meta.level(), meta.target())?;
+            // ` {level:>5} {target}:`, without the formatting machinery (this is per request).
+            let level = meta.level().as_str();
+            w.write_str(if level.len() < 5 { "  " } else { " " })?;
+            w.write_str(level)?;
+            w.write_str(" ")?;
+            w.write_str(meta.target())?;
+            w.write_str(":")?;
             // The message first, then the other fields in order: they are gathered aside while
             // the message (which tracing records last) is written.
             thread_local! {
@@ -279,6 +287,21 @@ impl Fields<'_, '_> {
         };
     }
 
+    /// A value written as it is in both formats (a number, a bool): nothing to escape.
+    fn plain(&mut self, field: &Field, text: &str) {
+        let name = field.name();
+        if let (Some(rest), Ok(()), false) =
+            (self.rest.as_deref_mut(), &self.result, name == "message")
+        {
+            rest.push(' ');
+            rest.push_str(name);
+            rest.push('=');
+            rest.push_str(text);
+            return;
+        }
+        self.field(field, |w| w.write_str(text));
+    }
+
     /// A string value: quoted and escaped, but for a text line's message.
     fn string(&mut self, field: &Field, value: &str) {
         let bare = self.rest.is_some() && field.name() == "message";
@@ -311,15 +334,15 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.plain(field, itoa::Buffer::new().format(value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.plain(field, itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |w| w.write_str(if value { "true" } else { "false" }));
+        self.plain(field, if value { "true" } else { "false" });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
