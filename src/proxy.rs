@@ -426,14 +426,25 @@ fn prepare_headers(
 ) {
     let headers = &mut parts.headers;
     forward::strip_hop_by_hop(headers, upgrade);
-    if let Some(name) = local_header {
-        headers.remove(name);
-    }
-    for name in route.auth.injects() {
-        headers.remove(name);
-    }
-    if route.auth.strips_authorization() {
-        headers.remove(header::AUTHORIZATION);
+    let injects = route.auth.injects();
+    let strips_authorization = route.auth.strips_authorization();
+    // Callers rarely send any of these: one pass over the few headers there are costs less
+    // than a lookup per name.
+    let removed = |name: &http::HeaderName| {
+        injects.contains(name)
+            || (strips_authorization && name == header::AUTHORIZATION)
+            || local_header == Some(name)
+    };
+    if headers.keys().any(removed) {
+        if let Some(name) = local_header {
+            headers.remove(name);
+        }
+        for name in injects {
+            headers.remove(name);
+        }
+        if strips_authorization {
+            headers.remove(header::AUTHORIZATION);
+        }
     }
     headers.insert(header::HOST, route.upstream.host_header.clone());
 }
