@@ -15,6 +15,8 @@
 #   credgate-nolog static headers, RUST_LOG=warn
 #   credgate-token an OAuth2 client-credentials route (token fetched from the embedded fake)
 #   direct         wrk straight at the upstream (for reference)
+# Each load round also reads the proxy's CPU time (user + system, from /proc) per request: what
+# an optimisation changes, and steadier than req/s when the VM's neighbours are busy.
 # Then, each on its own:
 #   - start-up: credgate's spawn to first answered request
 #   - fixed rate (RATE=5000 req/s, 0 to skip; needs oha, installed with cargo if missing):
@@ -179,6 +181,18 @@ done
 # ---------------------------------------------------------------- load
 RES=$RUN/results.tsv
 : > "$RES"
+# CPU time (user + system, clock ticks) of a target's serving processes: an nginx master's
+# workers, credgate's process (all its threads: workers and the log writer); none for direct.
+cpu_ticks() { # name
+  local var="PID_${1//-/_}" pids=()
+  case $1 in
+    direct) echo 0; return ;;
+    nginx*) pids=($(pgrep -P "${!var}")) ;;
+    *) pids=("${!var}") ;;
+  esac
+  for p in "${pids[@]}"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{s += $1} END {print s + 0}'
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 to_us() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); print v} else if (v ~ /ms$/) {sub(/ms/,"",v); print v*1000} else {sub(/s$/,"",v); print v*1000000}}'; }
 for round in $(seq "$ROUNDS"); do
   order=("${!NAMES[@]}")
@@ -186,13 +200,17 @@ for round in $(seq "$ROUNDS"); do
   for i in "${order[@]}"; do
     url="http://127.0.0.1:${PORTS[$i]}/"
     wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null 2>&1 || true
+    t0=$(cpu_ticks "${NAMES[$i]}")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+    t1=$(cpu_ticks "${NAMES[$i]}")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v d=$((t1 - t0)) -v n="$n" -v t="$TICK_US" 'BEGIN {printf "%.2f", n ? d * t / n : 0}')
     p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_us)
     p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_us)
     errs=$(awk '/Socket errors|Non-2xx/ {s=s $0 " "} END {print s}' <<<"$out")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$rps" "$p50" "$p99" "${errs:-0}" >> "$RES"
-    log "round $round $(printf '%-15s' "${NAMES[$i]}") $rps req/s  p50 ${p50}us  p99 ${p99}us ${errs}"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$rps" "$p50" "$p99" "$cpu" "${errs:-0}" >> "$RES"
+    log "round $round $(printf '%-15s' "${NAMES[$i]}") $rps req/s  p50 ${p50}us  p99 ${p99}us  cpu ${cpu}us/req ${errs}"
   done
 done
 
@@ -284,15 +302,17 @@ import statistics as st, sys
 res, startup, idle, workers, conns, dur, rounds, rate_res, big_res, rate = sys.argv[1:]
 rows = {}
 for line in open(res):
-    r, name, rps, p50, p99, errs = line.rstrip("\n").split("\t")
-    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), errs))
-med = {n: tuple(st.median(x[i] for x in v) for i in range(3)) for n, v in rows.items()}
+    r, name, rps, p50, p99, cpu, errs = line.rstrip("\n").split("\t")
+    rows.setdefault(name, []).append((float(rps), float(p50), float(p99), float(cpu), errs))
+med = {n: tuple(st.median(x[i] for x in v) for i in range(4)) for n, v in rows.items()}
 base = med["nginx"][0]
 print(f"\nworkers={workers} wrk -t1 -c{conns} -d{dur}s, {rounds} round(s), medians")
-print(f"{'target':<16}{'req/s':>10}{'vs nginx':>10}{'p50 us':>10}{'p99 us':>10}  errors")
-for n, (rps, p50, p99) in med.items():
-    errs = " ".join(sorted({x[3] for x in rows[n]}))
-    print(f"{n:<16}{rps:>10.0f}{rps/base:>10.2f}{p50:>10.0f}{p99:>10.0f}  {errs}")
+print("cpu: the proxy's own CPU time (user + system) per request; the steadier measure on a shared VM")
+print(f"{'target':<16}{'req/s':>10}{'vs nginx':>10}{'p50 us':>10}{'p99 us':>10}{'cpu us':>8}{'vs nginx':>10}  errors")
+for n, (rps, p50, p99, cpu) in med.items():
+    errs = " ".join(sorted({x[4] for x in rows[n]}))
+    cpu_cols = f"{cpu:>8.2f}{cpu/med['nginx'][3]:>10.2f}" if cpu else f"{'-':>8}{'-':>10}"
+    print(f"{n:<16}{rps:>10.0f}{rps/base:>10.2f}{p50:>10.0f}{p99:>10.0f}{cpu_cols}  {errs}")
 lo = med["credgate"][0] / med["credgate-nolog"][0]
 ng = med["nginx-log"][0] / med["nginx"][0]
 print(f"\nlogging on/off: credgate {lo:.2f}, nginx {ng:.2f}")
