@@ -16,7 +16,7 @@
 #   credgate-token an OAuth2 client-credentials route (token fetched from the embedded fake)
 #   direct         wrk straight at the upstream (for reference)
 # Each load round also reads the proxy's CPU time (user + system, from /proc) per request: what
-# an optimisation changes, and steadier than req/s when the VM's neighbours are busy.
+# an optimisation changes, whatever share of the cores the load generator and upstream take.
 # Then, each on its own:
 #   - start-up: credgate's spawn to first answered request
 #   - fixed rate (RATE=5000 req/s, 0 to skip; needs oha, installed with cargo if missing):
@@ -307,7 +307,7 @@ for line in open(res):
 med = {n: tuple(st.median(x[i] for x in v) for i in range(4)) for n, v in rows.items()}
 base = med["nginx"][0]
 print(f"\nworkers={workers} wrk -t1 -c{conns} -d{dur}s, {rounds} round(s), medians")
-print("cpu: the proxy's own CPU time (user + system) per request; the steadier measure on a shared VM")
+print("cpu: the proxy's own CPU time (user + system) per request")
 print(f"{'target':<16}{'req/s':>10}{'vs nginx':>10}{'p50 us':>10}{'p99 us':>10}{'cpu us':>8}{'vs nginx':>10}  errors")
 for n, (rps, p50, p99, cpu) in med.items():
     errs = " ".join(sorted({x[4] for x in rows[n]}))
