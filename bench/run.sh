@@ -311,7 +311,7 @@ print("cpu: the proxy's own CPU time (user + system) per request")
 print(f"{'target':<16}{'req/s':>10}{'vs nginx':>10}{'p50 us':>10}{'p99 us':>10}{'cpu us':>8}{'vs nginx':>10}  errors")
 for n, (rps, p50, p99, cpu) in med.items():
     errs = " ".join(sorted({x[4] for x in rows[n]}))
-    cpu_cols = f"{cpu:>8.2f}{cpu/med['nginx'][3]:>10.2f}" if cpu else f"{'-':>8}{'-':>10}"
+    cpu_cols = f"{cpu:>8.2f}{cpu/med['nginx'][3]:>10.2f}" if cpu and med["nginx"][3] else f"{'-':>8}{'-':>10}"
     print(f"{n:<16}{rps:>10.0f}{rps/base:>10.2f}{p50:>10.0f}{p99:>10.0f}{cpu_cols}  {errs}")
 lo = med["credgate"][0] / med["credgate-nolog"][0]
 ng = med["nginx-log"][0] / med["nginx"][0]

@@ -432,6 +432,8 @@ struct Idle {
     swept: bool,
     /// The sweeper found the current wait for a head past its deadline.
     head_expired: AtomicBool,
+    /// Counts waits for a head: a wait's end clears the state only if no later one began.
+    head_waits: AtomicU64,
     /// When hyper began its current wait for a head (0: it is not waiting), as below.
     head_started: AtomicU64,
     /// Deadlines, as nanoseconds after `base`: of the current (or last) wait for a head, and
@@ -452,6 +454,7 @@ impl Idle {
             swept: tokio::runtime::Handle::current().runtime_flavor()
                 == tokio::runtime::RuntimeFlavor::CurrentThread,
             head_expired: AtomicBool::new(false),
+            head_waits: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             base: tokio::time::Instant::now(),
             head_deadline: AtomicU64::new(0),
@@ -479,12 +482,12 @@ impl Idle {
     }
 
     /// Starts a wait for a head, begun at `started`, that hyper would end at `deadline`:
-    /// returns when it ends.
+    /// returns when it ends, and the wait's number.
     fn start_head_wait(
         &self,
         started: tokio::time::Instant,
         deadline: tokio::time::Instant,
-    ) -> tokio::time::Instant {
+    ) -> (tokio::time::Instant, u64) {
         let deadline = match self.kept_deadline.swap(0, Ordering::Relaxed) {
             0 => deadline,
             kept => deadline.min(self.at(kept)),
@@ -495,7 +498,19 @@ impl Idle {
             .store(self.nanos(started), Ordering::Relaxed);
         self.head_expired.store(false, Ordering::Relaxed);
         self.got_bytes.store(false, Ordering::Relaxed);
-        deadline
+        (
+            deadline,
+            self.head_waits.fetch_add(1, Ordering::Relaxed) + 1,
+        )
+    }
+
+    /// Ends wait number `wait`, unless a later one has begun (hyper may replace a wait).
+    fn end_head_wait(&self, wait: u64) {
+        if self.head_waits.load(Ordering::Relaxed) == wait {
+            self.head_started.store(0, Ordering::Relaxed);
+            self.park_due.store(false, Ordering::Relaxed);
+            self.head_expired.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The sweeper's look at a connection at `now`: flags a wait for a head that has reached
@@ -538,12 +553,12 @@ impl hyper::rt::Timer for HeadTimer {
     /// hyper asks for `now + timeout` as each wait for a head begins.
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         let deadline = tokio::time::Instant::from_std(deadline);
-        let deadline = self.idle.start_head_wait(deadline - self.timeout, deadline);
+        let (deadline, wait) = self.idle.start_head_wait(deadline - self.timeout, deadline);
         Box::pin(HeadWait {
             // A tokio timer per request costs a timer-wheel entry, and a wake-up syscall
             // whenever it is due sooner than any before it; the sweep is free.
             sleep: (!self.idle.swept).then(|| tokio::time::sleep_until(deadline)),
-            waiting: Waiting(self.idle.clone()),
+            waiting: Waiting(self.idle.clone(), wait),
         })
     }
 }
@@ -558,14 +573,12 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Marks the end of a wait for a head.
-struct Waiting(Arc<Idle>);
+/// Marks the end of a wait for a head (its number).
+struct Waiting(Arc<Idle>, u64);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.head_started.store(0, Ordering::Relaxed);
-        self.0.park_due.store(false, Ordering::Relaxed);
-        self.0.head_expired.store(false, Ordering::Relaxed);
+        self.0.end_head_wait(self.1);
     }
 }
 
@@ -612,6 +625,12 @@ mod sweeper {
         sweeping: bool,
     }
 
+    /// Whether a sweep runs on this thread.
+    #[cfg(test)]
+    pub(super) fn sweeping() -> bool {
+        WATCHED.with(|w| w.borrow().sweeping)
+    }
+
     /// Watches the connection of `idle` from now on (once per connection).
     pub(super) fn watch(idle: &Arc<Idle>, cx: &Context<'_>) {
         if idle.watched.swap(true, Ordering::Relaxed) {
@@ -627,7 +646,23 @@ mod sweeper {
         }
     }
 
+    /// Ends this thread's sweep however the sweeping task ends: dropped with its runtime, it
+    /// must not leave a later runtime on this thread believing a sweep still runs.
+    struct Sweeping;
+
+    impl Drop for Sweeping {
+        fn drop(&mut self) {
+            let _ = WATCHED.try_with(|w| {
+                if let Ok(mut w) = w.try_borrow_mut() {
+                    w.conns.clear();
+                    w.sweeping = false;
+                }
+            });
+        }
+    }
+
     async fn sweep() {
+        let _sweeping = Sweeping;
         let mut tick = tokio::time::interval(PARK_AFTER);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -721,5 +756,62 @@ impl<S: Stream> hyper::rt::Write for ConnIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer;
+
+    /// hyper may replace a running wait for a head (`Timer::reset`); the replaced one's end
+    /// must not end the new one, or no sweep would ever time it out.
+    #[tokio::test]
+    async fn a_replaced_wait_for_a_head_does_not_end_its_successor() {
+        let idle = Arc::new(Idle::new());
+        assert!(idle.swept, "a current-thread runtime is swept");
+        let timer = HeadTimer {
+            idle: idle.clone(),
+            timeout: Duration::from_secs(1),
+        };
+        let mut wait = timer.sleep(Duration::from_secs(1));
+        timer.reset(&mut wait, Instant::now() + Duration::from_millis(10));
+        assert_ne!(
+            idle.head_started.load(Ordering::Relaxed),
+            0,
+            "the new wait runs"
+        );
+        let later = tokio::time::Instant::now() + Duration::from_millis(20);
+        assert!(idle.sweep(later), "the new wait is past its deadline");
+        assert!(idle.head_expired.load(Ordering::Relaxed));
+        drop(wait);
+        assert_eq!(
+            idle.head_started.load(Ordering::Relaxed),
+            0,
+            "its end ends it"
+        );
+    }
+
+    /// A sweep dropped with its runtime leaves the thread free to start another.
+    #[test]
+    fn a_sweep_dropped_with_its_runtime_lets_the_next_runtime_sweep() {
+        for _ in 0..2 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let idle = Arc::new(Idle::new());
+                std::future::poll_fn(|cx| {
+                    sweeper::watch(&idle, cx);
+                    Poll::Ready(())
+                })
+                .await;
+                tokio::task::yield_now().await;
+                assert!(sweeper::sweeping(), "a sweep runs on this thread");
+            });
+            drop(rt);
+            assert!(!sweeper::sweeping(), "the dropped sweep left no trace");
+        }
     }
 }
