@@ -7,6 +7,10 @@
 #   bench/callgrind.sh            # N=3000
 #   N=1000 bench/callgrind.sh
 #   CREDGATE_BIN=/path/credgate bench/callgrind.sh   # another build (ideally with debug info)
+#   RUST_LOG=warn bench/callgrind.sh                  # request log off
+#   PIECE='*Svc*as*Service*call*' bench/callgrind.sh  # also: one piece of the path (everything run
+#       inside the functions the pattern names: here the request path without hyper's server
+#       side), per request, with its costliest functions
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUN=${BENCH_RUN_DIR:-/tmp/credgate-callgrind}
@@ -66,14 +70,15 @@ for _ in range(n):
 PY
 }
 
-instructions() { # requests after warm-up -> total instructions of the run
+instructions() { # requests after warm-up [callgrind options] -> total instructions of the run
+  local n=$1; shift
   rm -f "$W"/cg.out.*
-  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out.%p" \
+  valgrind --tool=callgrind --callgrind-out-file="$W/cg.out.%p" "$@" \
     "$CREDGATE_BIN" --config "$W/conf/credgate.toml" --workers 1 >"$W/credgate.log" 2>&1 &
   local vg=$!
   for _ in $(seq 200); do curl -s -o /dev/null -m 1 "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
   drive 200
-  [ "$1" -gt 0 ] && drive "$1"
+  [ "$n" -gt 0 ] && drive "$n"
   kill -TERM "$vg"; wait "$vg" || true
   callgrind_annotate "$W"/cg.out.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
@@ -81,4 +86,13 @@ instructions() { # requests after warm-up -> total instructions of the run
 base=$(instructions 0)
 total=$(instructions "$N")
 echo "instructions per request: $(( (total - base) / N )) ($N requests; totals $total - $base)"
+if [ -n "${PIECE:-}" ]; then
+  # Collected only inside the piece, so warm-up and start-up barely count: divided by all requests.
+  piece=$(instructions "$N" --toggle-collect="$PIECE")
+  echo "inside $PIECE: $(( piece / (N + 200) )) per request; costliest functions (per request, own cost):"
+  callgrind_annotate --auto=no --threshold=90 "$W"/cg.out.* 2>/dev/null |
+    awk -v n=$((N + 200)) '/^ *[0-9,]+ +\( *[0-9.]+%\)/ && !/PROGRAM TOTALS/ {
+      c = $1; gsub(",", "", c); sub(/^ *[0-9,]+ +\( *[0-9.]+%\) +/, ""); printf "%7.0f %s\n", c / n, $0 }' |
+    sed -E 's#/root/.cargo/registry/src/[^/]+/##; s#/rustc/[0-9a-f]+/##' | head -n 25
+fi
 echo "profile of the last run: callgrind_annotate $W/cg.out.*"
