@@ -8,6 +8,7 @@
 #   N=1000 bench/callgrind.sh
 #   CREDGATE_BIN=/path/credgate bench/callgrind.sh   # another build (ideally with debug info)
 #   RUST_LOG=warn bench/callgrind.sh                  # request log off
+#   AUTH=token bench/callgrind.sh                     # an OAuth2 route (token from credgate's fake)
 #   PIECE='*Svc*as*Service*call*' bench/callgrind.sh  # also: one piece of the path (everything run
 #       inside the functions the pattern names: here the request path without hyper's server
 #       side), per request, with its costliest functions
@@ -44,6 +45,18 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $W;
 EOF
 nginx -p "$W" -e stderr -c "$W/upstream.conf" &
 PIDS+=($!)
+if [ "${AUTH:-headers}" = token ]; then
+  # The token endpoint: credgate's embedded fake, outside valgrind.
+  "$CREDGATE_BIN" fake --api-port $((UP + 2)) --gateway-port $((UP + 3)) >"$W/fake.log" 2>&1 &
+  PIDS+=($!)
+  AUTH_TABLE="type = \"oauth2_client_credentials\"
+token_url = \"http://127.0.0.1:$((UP + 2))/oauth/token\"
+client_id = { env = \"BENCH_OAUTH_ID\" }
+client_secret = { env = \"BENCH_OAUTH_SECRET\" }"
+else
+  AUTH_TABLE='type = "headers"
+headers = { "X-Client-ID" = { env = "BENCH_ID" }, "X-Client-Secret" = { env = "BENCH_SECRET" } }'
+fi
 mkdir -p "$W/conf"  # its own directory: credgate watches it, and the log is written in $W
 cat > "$W/conf/credgate.toml" <<EOF
 [server]
@@ -53,10 +66,9 @@ name = "bench"
 prefix = "/"
 upstream = "http://127.0.0.1:$UP"
 [route.auth]
-type = "headers"
-headers = { "X-Client-ID" = { env = "BENCH_ID" }, "X-Client-Secret" = { env = "BENCH_SECRET" } }
+$AUTH_TABLE
 EOF
-export BENCH_ID=test-id BENCH_SECRET=test-secret
+export BENCH_ID=test-id BENCH_SECRET=test-secret BENCH_OAUTH_ID=demo-oauth-client BENCH_OAUTH_SECRET=demo-oauth-secret
 
 drive() { # count: keep-alive GETs on one connection
   python3 - "$PORT" "$1" <<'PY'
