@@ -541,24 +541,35 @@ async fn slowloris_headers_are_cut_at_header_read_timeout_while_others_are_serve
     assert_eq!(up.only().path_and_query(), "/served");
 }
 
-/// On credgate's own (single-threaded) workers a per-thread sweep ends a wait for a head; the
-/// server type run on a multi-threaded runtime has no such sweep and uses a tokio timer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_multi_threaded_runtime_a_stalled_head_is_cut_at_header_read_timeout() {
+/// On credgate with `header_read_timeout = "1s"`: one request answered, then, `gap` later, the
+/// start of a head that never ends. Returns the exchange and how many requests went upstream.
+async fn answered_then_a_stalled_head(stalled: &[u8], gap: Duration) -> (Exchange, usize) {
     let up = Upstream::echo().await;
     let cg = start_with_header_timeout(&up, "").await;
     let ex = exchange(
         cg.addr(),
         vec![
             b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            b"GET /api/y HTTP/1.1\r\nX-Slow: ".to_vec(),
+            stalled.to_vec(),
         ],
-        Duration::from_millis(100),
+        gap,
         Duration::from_secs(4),
     )
     .await;
+    (ex, up.count())
+}
+
+/// On credgate's own (single-threaded) workers a per-thread sweep ends a wait for a head; the
+/// server type run on a multi-threaded runtime has no such sweep and uses a tokio timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_multi_threaded_runtime_a_stalled_head_is_cut_at_header_read_timeout() {
+    let (ex, upstream_requests) = answered_then_a_stalled_head(
+        b"GET /api/y HTTP/1.1\r\nX-Slow: ",
+        Duration::from_millis(100),
+    )
+    .await;
     assert_answered_then_closed(&ex, Duration::from_millis(900), Duration::from_millis(2500));
-    assert_eq!(up.count(), 1);
+    assert_eq!(upstream_requests, 1);
 }
 
 #[tokio::test]
@@ -736,22 +747,11 @@ async fn a_connection_parked_while_idle_serves_its_next_requests_whole() {
 async fn a_parked_connection_keeps_its_header_read_deadline() {
     // header_read_timeout = 1s counts from the end of the last response: a connection that
     // parked (after 250 to 500 ms) and then starts a head at 700 ms has until 1 s, not 1.7 s.
-    let up = Upstream::echo().await;
-    let cg = start_with_header_timeout(&up, "").await;
-
-    let ex = exchange(
-        cg.addr(),
-        vec![
-            b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            b"GET /api/y HTTP/1.1\r\n".to_vec(),
-        ],
-        Duration::from_millis(700),
-        Duration::from_secs(4),
-    )
-    .await;
+    let (ex, upstream_requests) =
+        answered_then_a_stalled_head(b"GET /api/y HTTP/1.1\r\n", Duration::from_millis(700)).await;
 
     assert_answered_then_closed(&ex, Duration::from_millis(900), Duration::from_millis(1500));
-    assert_eq!(up.count(), 1);
+    assert_eq!(upstream_requests, 1);
 }
 
 #[tokio::test]
