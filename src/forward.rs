@@ -193,6 +193,7 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+const CONNECTION_INDEX: usize = 0;
 const UPGRADE_INDEX: usize = 8;
 
 /// Whether a header is hop-by-hop (never forwarded, never injectable).
@@ -224,22 +225,29 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 {
         return;
     }
-    // Every Connection header counts, not only the first. Tokens naming a fixed hop-by-hop
-    // header (`keep-alive`, `close`...) need no lookup of their own.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    // Connection goes in every case: taken out with all its values in one lookup, which are
+    // then read for the names it adds. Every Connection header counts, not only the first.
+    // Tokens naming a fixed hop-by-hop header (`keep-alive`, `close`...) need no lookup.
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present & (1 << CONNECTION_INDEX) != 0 {
+        present &= !(1 << CONNECTION_INDEX);
+        if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
+            for value in e.remove_entry_mult().1 {
+                let tokens = value.to_str().unwrap_or("").split(',').map(str::trim);
+                named.extend(
+                    tokens
+                        .filter(|t| {
+                            !t.is_empty()
+                                && !t.eq_ignore_ascii_case("close")
+                                && !HOP_BY_HOP
+                                    .iter()
+                                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+                        })
+                        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+                );
+            }
+        }
+    }
     for n in named {
         headers.remove(n);
     }
