@@ -20,6 +20,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::retry::CoolDown;
 use crate::route::{RouteTable, Via};
 use crate::secret::Secret;
+use crate::telemetry::RequestLine;
 
 /// Everything the request path needs, built once from a checked [`Config`].
 pub struct Proxy {
@@ -143,16 +144,16 @@ impl Proxy {
             .route
             .map_or(&self.unrouted, |r| &r.metrics)
             .observe(res.status().as_u16(), outcome.upstream);
-        tracing::info!(
-            route = outcome.route.map_or("-", |r| &r.route.name),
-            method = %method,
-            path = uri.path(),
-            status = res.status().as_u16(),
-            attempts = outcome.attempts,
-            upstream_us = outcome.upstream.map(|d| d.as_micros() as u64),
-            total_us = started.elapsed().as_micros() as u64,
-            "request"
-        );
+        RequestLine {
+            route: outcome.route.map_or("-", |r| &r.route.name),
+            method: &method,
+            path: uri.path(),
+            status: res.status().as_u16(),
+            attempts: outcome.attempts,
+            upstream_us: outcome.upstream.map(|d| d.as_micros() as u64),
+            total_us: started.elapsed().as_micros() as u64,
+        }
+        .log();
         res
     }
 

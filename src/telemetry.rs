@@ -66,12 +66,19 @@ pub fn init(format: LogFormat) -> LogGuard {
         .with_env_filter(filter)
         .with_writer(|| Lines)
         .with_ansi(terminal);
-    let _ = match format {
-        // Colours for a person at a terminal; otherwise the lean formatter below.
-        LogFormat::Pretty if terminal => builder.compact().try_init(),
-        LogFormat::Pretty => builder.event_format(Lean { json: false }).try_init(),
-        LogFormat::Json => builder.event_format(Lean { json: true }).try_init(),
+    // Colours for a person at a terminal; otherwise the lean formatter below.
+    let lean = match format {
+        LogFormat::Pretty if terminal => None,
+        LogFormat::Pretty => Some(Lean { json: false }),
+        LogFormat::Json => Some(Lean { json: true }),
     };
+    let installed = match lean {
+        None => builder.compact().try_init(),
+        Some(lean) => builder.event_format(lean).try_init(),
+    };
+    if let (Ok(()), Some(lean)) = (installed, lean) {
+        let _ = LEAN.set(lean);
+    }
     LogGuard(guard)
 }
 
@@ -157,6 +164,7 @@ impl Write for Lines {
 /// credgate logs no spans, so only the event's own fields are written. Strings are quoted and
 /// escaped in both formats, and control characters escaped everywhere, so no value can forge a
 /// line or send escape sequences to a terminal.
+#[derive(Clone, Copy)]
 struct Lean {
     json: bool,
 }
@@ -173,54 +181,145 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
+        self.line(&mut w, meta.level().as_str(), meta.target(), |f| {
+            event.record(f)
+        })
+    }
+}
+
+impl Lean {
+    /// Writes one line, its fields written by `fields` in any order: in a text line the message
+    /// comes first wherever it is written (the others are gathered aside meanwhile).
+    fn line(
+        &self,
+        w: &mut Writer<'_>,
+        level: &str,
+        target: &str,
+        fields: impl FnOnce(&mut Fields<'_, '_>),
+    ) -> fmt::Result {
         if self.json {
             w.write_str("{\"timestamp\":\"")?;
-            timestamp(&mut w)?;
+            timestamp(w)?;
             w.write_str("\",\"level\":\"")?;
-            w.write_str(meta.level().as_str())?;
+            w.write_str(level)?;
             w.write_str("\"")?;
-            let mut fields = Fields {
-                w: &mut w,
+            let mut f = Fields {
+                w,
                 rest: None,
                 result: Ok(()),
             };
-            event.record(&mut fields);
-            fields.result?;
+            fields(&mut f);
+            f.result?;
             w.write_str(",\"target\":")?;
-            json_str(&mut w, meta.target())?;
+            json_str(w, target)?;
             w.write_str("}\n")
         } else {
-            timestamp(&mut w)?;
+            timestamp(w)?;
             // ` {level:>5} {target}:`, without the formatting machinery (this is per request).
-            let level = meta.level().as_str();
             w.write_str(if level.len() < 5 { "  " } else { " " })?;
             w.write_str(level)?;
             w.write_str(" ")?;
-            w.write_str(meta.target())?;
+            w.write_str(target)?;
             w.write_str(":")?;
-            // The message first, then the other fields in order: they are gathered aside while
-            // the message (which tracing records last) is written.
             thread_local! {
                 static REST: RefCell<String> = const { RefCell::new(String::new()) };
             }
             let write = |w: &mut Writer<'_>, rest: &mut String| {
                 rest.clear();
-                let mut fields = Fields {
+                let mut f = Fields {
                     w,
                     rest: Some(rest),
                     result: Ok(()),
                 };
-                event.record(&mut fields);
-                fields.result?;
+                fields(&mut f);
+                f.result?;
                 w.write_str(rest)?;
                 w.write_str("\n")
             };
             // A field that logs while being formatted gets a buffer of its own.
             REST.with(|rest| match rest.try_borrow_mut() {
-                Ok(mut rest) => write(&mut w, &mut rest),
-                Err(_) => write(&mut w, &mut String::new()),
+                Ok(mut rest) => write(w, &mut rest),
+                Err(_) => write(w, &mut String::new()),
             })
         }
+    }
+}
+
+/// The formatter of the subscriber [`init`] installed, when it is one of ours: the request
+/// line is then written without a tracing event (see [`RequestLine::log`]).
+static LEAN: OnceLock<Lean> = OnceLock::new();
+
+/// The target of the request line (a filter such as `RUST_LOG=credgate::proxy=warn` turns it off).
+pub const REQUEST_TARGET: &str = "credgate::proxy";
+
+/// The one line each request gets, at INFO.
+pub struct RequestLine<'a> {
+    pub route: &'a str,
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub status: u16,
+    pub attempts: u32,
+    pub upstream_us: Option<u64>,
+    pub total_us: u64,
+}
+
+impl RequestLine<'_> {
+    /// Logs the line where the filter lets INFO through for [`REQUEST_TARGET`]. Under
+    /// credgate's own formatter it goes straight into the thread's batch, byte for byte as the
+    /// event would have been written: the event's dispatch and field visits cost about as much
+    /// as writing the line.
+    pub fn log(&self) {
+        let Some(lean) = LEAN.get() else {
+            tracing::info!(
+                target: REQUEST_TARGET,
+                route = self.route,
+                method = %self.method,
+                path = self.path,
+                status = self.status,
+                attempts = self.attempts,
+                upstream_us = self.upstream_us,
+                total_us = self.total_us,
+                "request"
+            );
+            return;
+        };
+        if !tracing::enabled!(target: REQUEST_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        let write = |line: &mut String| {
+            line.clear();
+            if self.write(*lean, line).is_ok() {
+                let _ = Lines.write_all(line.as_bytes());
+            }
+        };
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => write(&mut line),
+            Err(_) => write(&mut String::new()),
+        });
+    }
+
+    /// The line as `lean` writes it.
+    fn write(&self, lean: Lean, line: &mut String) -> fmt::Result {
+        lean.line(&mut Writer::new(line), "INFO", REQUEST_TARGET, |f| {
+            self.fields(f)
+        })
+    }
+
+    /// The fields, in the order tracing records the event's.
+    fn fields(&self, f: &mut Fields<'_, '_>) {
+        f.string("message", "request");
+        f.string("route", self.route);
+        f.bare("method", self.method.as_str());
+        f.string("path", self.path);
+        f.plain("status", itoa::Buffer::new().format(self.status), false);
+        f.plain("attempts", itoa::Buffer::new().format(self.attempts), false);
+        if let Some(us) = self.upstream_us {
+            f.plain("upstream_us", itoa::Buffer::new().format(us), false);
+        }
+        f.plain("total_us", itoa::Buffer::new().format(self.total_us), false);
     }
 }
 
@@ -262,11 +361,10 @@ struct Fields<'a, 'w> {
 
 impl Fields<'_, '_> {
     /// Writes one field: its key, then the value `write` produces.
-    fn field(&mut self, field: &Field, write: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result) {
+    fn field(&mut self, name: &str, write: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
-        let name = field.name();
         self.result = match &mut self.rest {
             None => (|| {
                 self.w.write_str(",\"")?;
@@ -287,25 +385,57 @@ impl Fields<'_, '_> {
         };
     }
 
-    /// A value written as it is in both formats (a number, a bool): nothing to escape.
-    fn plain(&mut self, field: &Field, text: &str) {
-        let name = field.name();
+    /// A value with nothing to escape (a number, a bool, most strings), quoted or not: in a
+    /// text line it goes straight into the fields gathered aside.
+    fn plain(&mut self, name: &str, text: &str, quoted: bool) {
         if let (Some(rest), Ok(()), false) =
             (self.rest.as_deref_mut(), &self.result, name == "message")
         {
             rest.push(' ');
             rest.push_str(name);
             rest.push('=');
-            rest.push_str(text);
+            if quoted {
+                rest.push('"');
+                rest.push_str(text);
+                rest.push('"');
+            } else {
+                rest.push_str(text);
+            }
             return;
         }
-        self.field(field, |w| w.write_str(text));
+        self.field(name, |w| {
+            if quoted {
+                w.write_str("\"")?;
+                w.write_str(text)?;
+                w.write_str("\"")
+            } else {
+                w.write_str(text)
+            }
+        });
+    }
+
+    /// A value written as it is in a text line, as a JSON string in JSON (what `%value` gives).
+    fn bare(&mut self, name: &str, value: &str) {
+        let quoted = self.rest.is_none();
+        if needs_no_escape(value) {
+            return self.plain(name, value, quoted);
+        }
+        self.field(name, |w| {
+            if quoted {
+                json_str(w, value)
+            } else {
+                w.write_str(value)
+            }
+        });
     }
 
     /// A string value: quoted and escaped, but for a text line's message.
-    fn string(&mut self, field: &Field, value: &str) {
-        let bare = self.rest.is_some() && field.name() == "message";
-        self.field(field, |w| {
+    fn string(&mut self, name: &str, value: &str) {
+        let bare = self.rest.is_some() && name == "message";
+        if needs_no_escape(value) {
+            return self.plain(name, value, !bare);
+        }
+        self.field(name, |w| {
             if bare {
                 w.write_str(value)
             } else {
@@ -315,14 +445,20 @@ impl Fields<'_, '_> {
     }
 }
 
+/// Printable ASCII without `"` or `\`: the same in both formats, quoted or not (most values).
+fn needs_no_escape(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
 impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.string(field, value);
+        self.string(field.name(), value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         let quoted = self.rest.is_none();
-        self.field(field, |w| {
+        self.field(field.name(), |w| {
             if quoted {
                 w.write_str("\"")?;
                 write!(JsonEscaped(w), "{value:?}")?;
@@ -334,20 +470,20 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.plain(field, itoa::Buffer::new().format(value));
+        self.plain(field.name(), itoa::Buffer::new().format(value), false);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.plain(field, itoa::Buffer::new().format(value));
+        self.plain(field.name(), itoa::Buffer::new().format(value), false);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.plain(field, if value { "true" } else { "false" });
+        self.plain(field.name(), if value { "true" } else { "false" }, false);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         if value.is_finite() {
-            self.field(field, |w| write!(w, "{value}"));
+            self.field(field.name(), |w| write!(w, "{value}"));
         } else {
             self.record_debug(field, &value);
         }
@@ -415,22 +551,27 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
-    /// What `Lean` writes for one event with awkward values.
-    fn line(json: bool) -> String {
+    /// What `Lean` writes for the events `emit` logs.
+    fn logged(json: bool, emit: impl FnOnce()) -> String {
         let out = Arc::new(Mutex::new(Vec::<u8>::new()));
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || Captured(sink.clone()))
             .event_format(Lean { json })
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = out.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// What `Lean` writes for one event with awkward values.
+    fn line(json: bool) -> String {
+        logged(json, || {
             let method = http::Method::GET;
             tracing::info!(route = "api", method = %method, path = "/a\"b\nc", status = 200u16, ok = true, "request");
             let forged = "x\n2026-01-01T00:00:00.000000Z  INFO forged\u{1b}[2J\u{9b}";
             tracing::warn!(error = %forged, "bad {}", forged);
-        });
-        let bytes = out.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        })
     }
 
     struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -487,6 +628,52 @@ mod tests {
         let parsed = humantime::parse_rfc3339(stamp).unwrap();
         let age = SystemTime::now().duration_since(parsed).unwrap();
         assert!(age < Duration::from_secs(5), "{stamp}");
+    }
+
+    /// The request line written without an event is the line the event would have given.
+    #[test]
+    fn the_request_line_is_the_events_line() {
+        let method = http::Method::from_bytes(b"PURGE").unwrap();
+        let lines = [
+            RequestLine {
+                route: "api",
+                method: &http::Method::GET,
+                path: "/a\"b\nc\u{1b}[2J",
+                status: 200,
+                attempts: 1,
+                upstream_us: Some(1234),
+                total_us: 1300,
+            },
+            RequestLine {
+                route: "-",
+                method: &method,
+                path: "/",
+                status: 404,
+                attempts: 0,
+                upstream_us: None,
+                total_us: 7,
+            },
+        ];
+        for json in [false, true] {
+            // Without `init`, `log` emits the event.
+            let events = logged(json, || lines.iter().for_each(|l| l.log()));
+            let mut direct = String::new();
+            for l in &lines {
+                let mut one = String::new();
+                l.write(Lean { json }, &mut one).unwrap();
+                direct.push_str(&one);
+            }
+            // All but the timestamps (the first 27 characters of a text line, 14 to 41 of JSON).
+            let stamps = if json { 14..41 } else { 0..27 };
+            let strip = |s: &str| -> Vec<String> {
+                s.lines()
+                    .map(|l| format!("{}{}", &l[..stamps.start], &l[stamps.end..]))
+                    .collect()
+            };
+            assert_eq!(strip(&direct), strip(&events), "json: {json}");
+            assert_eq!(direct.lines().count(), 2, "{direct}");
+            assert!(!direct.contains('\u{1b}'), "{direct}");
+        }
     }
 
     #[test]

@@ -907,6 +907,49 @@ async fn trace_logs_never_contain_secrets() {
     }
 }
 
+/// The request line is written without a tracing event, but `RUST_LOG` still decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_can_turn_the_request_line_off() {
+    let up = Upstream::echo().await;
+    let routes = [
+        route("api", "/api", &up.url(), NO_AUTH),
+        route(
+            "down",
+            "/down",
+            &format!("http://{}", closed_port()),
+            NO_AUTH,
+        ),
+    ]
+    .concat();
+    let mut cg = start_binary(
+        &shared_config(&routes),
+        &[("RUST_LOG", "info,credgate::proxy=warn")],
+    )
+    .await;
+    assert_eq!(get(cg.addr(), "/api/a", &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        get(cg.addr(), "/down/b", &[]).await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    // The same target still logs its warnings.
+    cg.wait_for_log("the upstream failure", |l| {
+        l["level"] == "WARN" && l["target"] == "credgate::proxy" && l["route"] == "down"
+    })
+    .await;
+    cg.signal("TERM");
+    assert!(cg.wait_exit().await.success());
+    let lines = cg.log_lines();
+    assert!(
+        lines.iter().any(|l| l["message"] == "listening"),
+        "other targets log at info"
+    );
+    assert!(
+        !lines.iter().any(|l| l["message"] == "request"),
+        "a request line got through the filter:\n{}",
+        cg.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_exactly_one_whole_log_line_none_lost_at_exit() {
     let up = Upstream::echo().await;
