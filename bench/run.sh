@@ -103,7 +103,8 @@ start upstream nginx -p "$RUN" -e stderr -c "$RUN/upstream.conf"
 nginx_conf() { # port access_log
   cat <<EOF
 worker_processes $WORKERS; worker_rlimit_nofile 65536; daemon off; pid $RUN/nginx-$1.pid; error_log stderr warn;
-events { worker_connections 16384; multi_accept on; }
+# Room for IDLE callers plus an upstream connection each: their requests arrive together.
+events { worker_connections 32768; multi_accept on; }
 http { access_log $2; keepalive_requests 1000000; keepalive_timeout 75s;
   client_body_temp_path $RUN/tmp; proxy_temp_path $RUN/tmp;
   upstream origin { server 127.0.0.1:$UP; keepalive 128; keepalive_requests 1000000; }
