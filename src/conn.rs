@@ -338,15 +338,19 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.started.store(true, Ordering::Relaxed);
         let in_flight = InFlight::new(&self.idle);
-        let shared = self.shared.clone();
+        // One reference count taken per request: with several workers each one is a write to
+        // a cache line all of them share.
+        if self.admin {
+            let shared = self.shared.clone();
+            return Box::pin(async move {
+                let res = crate::admin::handle(&shared, req).await;
+                Ok(res.map(|body| Tracked { body, in_flight }))
+            });
+        }
+        let proxy = self.shared.proxy.load_full();
         let via = self.via.clone();
-        let admin = self.admin;
         Box::pin(async move {
-            let res = if admin {
-                crate::admin::handle(&shared, req).await
-            } else {
-                shared.proxy.load_full().handle(&via, req).await
-            };
+            let res = proxy.handle(&via, req).await;
             Ok(res.map(|body| Tracked { body, in_flight }))
         })
     }

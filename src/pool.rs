@@ -27,12 +27,18 @@ pub struct H1Pool {
     idle_timeout: Duration,
     max_idle: usize,
     /// One stack per thread (threads share a stack beyond [`SHARDS`]).
-    idle: [Mutex<Idle>; SHARDS],
+    idle: [Shard; SHARDS],
     /// Whether the task that closes long-idle connections runs.
     reaping: AtomicBool,
 }
 
 const SHARDS: usize = 8;
+
+/// A stack on cache lines of its own: workers lock theirs for every request, and two stacks
+/// on one line would make each worker's lock evict the other's.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Idle>);
 
 type Idle = Vec<(SendRequest<UpstreamBody>, Instant)>;
 
@@ -159,7 +165,10 @@ impl H1Pool {
     /// The most recently used connection that can take a request (one may have closed since
     /// it was kept).
     fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.idle[shard()].lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle[shard()]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         while let Some((conn, since)) = idle.pop() {
             if since.elapsed() >= self.idle_timeout {
                 // Everything below is older still.
@@ -212,12 +221,16 @@ impl H1Pool {
             return;
         }
         {
-            let mut idle = self.idle[shard()].lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = self.idle[shard()]
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if idle.len() < self.max_idle {
                 idle.push((conn, Instant::now()));
             }
         }
-        if !self.reaping.swap(true, Ordering::Relaxed) {
+        // Read first: a swap would write the shared line at every request.
+        if !self.reaping.load(Ordering::Relaxed) && !self.reaping.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(Arc::downgrade(self)));
         }
     }
@@ -226,7 +239,7 @@ impl H1Pool {
     pub fn idle_count(&self) -> usize {
         self.idle
             .iter()
-            .map(|i| i.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|i| i.0.lock().unwrap_or_else(|e| e.into_inner()).len())
             .sum()
     }
 }
@@ -234,7 +247,7 @@ impl H1Pool {
 impl Lease {
     /// Hands the connection back for the next request.
     pub fn release(self) {
-        self.pool.clone().put(self.conn);
+        self.pool.put(self.conn);
     }
 }
 
@@ -252,7 +265,8 @@ async fn reap(pool: Weak<H1Pool>) {
         let Some(pool) = pool.upgrade() else { return };
         let timeout = pool.idle_timeout;
         for idle in &pool.idle {
-            idle.lock()
+            idle.0
+                .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(conn, since)| since.elapsed() < timeout && !conn.is_closed());
         }
