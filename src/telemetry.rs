@@ -283,7 +283,22 @@ impl RequestLine<'_> {
             );
             return;
         };
-        if !tracing::enabled!(target: REQUEST_TARGET, tracing::Level::INFO) {
+        // Asked as for an event with the event's fields, so that a filter naming fields
+        // (`credgate::proxy[{status}]=info`) decides as it would for the event.
+        let enabled = tracing::enabled!(
+            kind: tracing::metadata::Kind::EVENT,
+            target: REQUEST_TARGET,
+            tracing::Level::INFO,
+            message,
+            route,
+            method,
+            path,
+            status,
+            attempts,
+            upstream_us,
+            total_us
+        );
+        if !enabled {
             return;
         }
         thread_local! {

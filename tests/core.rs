@@ -907,9 +907,10 @@ async fn trace_logs_never_contain_secrets() {
     }
 }
 
-/// The request line is written without a tracing event, but `RUST_LOG` still decides.
+/// The request line is written without a tracing event, but `RUST_LOG` still decides, field
+/// filters included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rust_log_can_turn_the_request_line_off() {
+async fn rust_log_decides_whether_the_request_line_is_written() {
     let up = Upstream::echo().await;
     let routes = [
         route("api", "/api", &up.url(), NO_AUTH),
@@ -921,33 +922,45 @@ async fn rust_log_can_turn_the_request_line_off() {
         ),
     ]
     .concat();
-    let mut cg = start_binary(
-        &shared_config(&routes),
-        &[("RUST_LOG", "info,credgate::proxy=warn")],
-    )
-    .await;
-    assert_eq!(get(cg.addr(), "/api/a", &[]).await.status, StatusCode::OK);
-    assert_eq!(
-        get(cg.addr(), "/down/b", &[]).await.status,
-        StatusCode::BAD_GATEWAY
-    );
-    // The same target still logs its warnings.
-    cg.wait_for_log("the upstream failure", |l| {
-        l["level"] == "WARN" && l["target"] == "credgate::proxy" && l["route"] == "down"
-    })
-    .await;
-    cg.signal("TERM");
-    assert!(cg.wait_exit().await.success());
-    let lines = cg.log_lines();
-    assert!(
-        lines.iter().any(|l| l["message"] == "listening"),
-        "other targets log at info"
-    );
-    assert!(
-        !lines.iter().any(|l| l["message"] == "request"),
-        "a request line got through the filter:\n{}",
-        cg.logs()
-    );
+    for (filter, logged) in [
+        ("info,credgate::proxy=warn", false),
+        // A directive naming a field the line lacks does not apply to it...
+        (
+            "info,credgate::proxy=warn,credgate::proxy[{nosuch}]=info",
+            false,
+        ),
+        // ... one naming a field it has does.
+        (
+            "info,credgate::proxy=warn,credgate::proxy[{status}]=info",
+            true,
+        ),
+    ] {
+        let mut cg = start_binary(&shared_config(&routes), &[("RUST_LOG", filter)]).await;
+        assert_eq!(get(cg.addr(), "/api/a", &[]).await.status, StatusCode::OK);
+        assert_eq!(
+            get(cg.addr(), "/down/b", &[]).await.status,
+            StatusCode::BAD_GATEWAY
+        );
+        // The same target still logs its warnings.
+        cg.wait_for_log("the upstream failure", |l| {
+            l["level"] == "WARN" && l["target"] == "credgate::proxy" && l["route"] == "down"
+        })
+        .await;
+        cg.signal("TERM");
+        assert!(cg.wait_exit().await.success());
+        let lines = cg.log_lines();
+        assert!(
+            lines.iter().any(|l| l["message"] == "listening"),
+            "other targets log at info"
+        );
+        let requests = lines.iter().filter(|l| l["message"] == "request").count();
+        assert_eq!(
+            requests,
+            if logged { 2 } else { 0 },
+            "RUST_LOG={filter}:\n{}",
+            cg.logs()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
