@@ -252,7 +252,9 @@ static LEAN: OnceLock<Lean> = OnceLock::new();
 /// The target of the request line (a filter such as `RUST_LOG=credgate::proxy=warn` turns it off).
 pub const REQUEST_TARGET: &str = "credgate::proxy";
 
-/// The one line each request gets, at INFO.
+/// The one line each request gets, at INFO. Its fields are named three times below: in the
+/// event (without `init`), in the filter's question and in [`RequestLine::fields`]; a field
+/// added to one goes in all three.
 pub struct RequestLine<'a> {
     pub route: &'a str,
     pub method: &'a http::Method,
@@ -403,6 +405,7 @@ impl Fields<'_, '_> {
     /// A value with nothing to escape (a number, a bool, most strings), quoted or not: in a
     /// text line it goes straight into the fields gathered aside.
     fn plain(&mut self, name: &str, text: &str, quoted: bool) {
+        debug_assert!(needs_no_escape(text), "{name} needs escaping");
         if let (Some(rest), Ok(()), false) =
             (self.rest.as_deref_mut(), &self.result, name == "message")
         {
@@ -662,7 +665,7 @@ mod tests {
             RequestLine {
                 route: "-",
                 method: &method,
-                path: "/",
+                path: "/caf\u{e9}/\u{85}/\u{7f}",
                 status: 404,
                 attempts: 0,
                 upstream_us: None,
