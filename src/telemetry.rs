@@ -267,9 +267,9 @@ pub struct RequestLine<'a> {
 
 impl RequestLine<'_> {
     /// Logs the line where the filter lets INFO through for [`REQUEST_TARGET`]. Under
-    /// credgate's own formatter it goes straight into the thread's batch, byte for byte as the
-    /// event would have been written: the event's dispatch and field visits cost about as much
-    /// as writing the line.
+    /// credgate's own formatter it is formatted without an event, byte for byte as the event
+    /// would have been, and batched like any line: the event's dispatch and field visits cost
+    /// about as much as writing the line.
     pub fn log(&self) {
         let Some(lean) = LEAN.get() else {
             tracing::info!(
@@ -327,10 +327,10 @@ impl RequestLine<'_> {
 
     /// The fields, in the order tracing records the event's.
     fn fields(&self, f: &mut Fields<'_, '_>) {
-        f.string("message", "request");
-        f.string("route", self.route);
-        f.bare("method", self.method.as_str());
-        f.string("path", self.path);
+        f.string("message", "request", false);
+        f.string("route", self.route, false);
+        f.string("method", self.method.as_str(), true);
+        f.string("path", self.path, false);
         f.plain("status", itoa::Buffer::new().format(self.status), false);
         f.plain("attempts", itoa::Buffer::new().format(self.attempts), false);
         if let Some(us) = self.upstream_us {
@@ -432,9 +432,10 @@ impl Fields<'_, '_> {
         });
     }
 
-    /// A value written as it is in a text line, as a JSON string in JSON (what `%value` gives).
-    fn bare(&mut self, name: &str, value: &str) {
-        let quoted = self.rest.is_none();
+    /// A string value: a JSON string in JSON; in a text line quoted too, but for the message
+    /// and, with `bare`, a value shown as it is (what `%value` gives, as for the method).
+    fn string(&mut self, name: &str, value: &str, bare: bool) {
+        let quoted = self.rest.is_none() || !(bare || name == "message");
         if needs_no_escape(value) {
             return self.plain(name, value, quoted);
         }
@@ -443,21 +444,6 @@ impl Fields<'_, '_> {
                 json_str(w, value)
             } else {
                 w.write_str(value)
-            }
-        });
-    }
-
-    /// A string value: quoted and escaped, but for a text line's message.
-    fn string(&mut self, name: &str, value: &str) {
-        let bare = self.rest.is_some() && name == "message";
-        if needs_no_escape(value) {
-            return self.plain(name, value, !bare);
-        }
-        self.field(name, |w| {
-            if bare {
-                w.write_str(value)
-            } else {
-                json_str(w, value)
             }
         });
     }
@@ -471,7 +457,7 @@ fn needs_no_escape(s: &str) -> bool {
 
 impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.string(field.name(), value);
+        self.string(field.name(), value, false);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
