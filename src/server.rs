@@ -259,16 +259,30 @@ fn wanted(config: &Config) -> Vec<(Key, Option<String>)> {
 
 async fn bind(key: Key, route: Option<String>, socket_mode: u32) -> Result<Bound, StartError> {
     let socket = match &key.1 {
-        ListenAddr::Tcp(addr) => Socket::Tcp(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| StartError::Bind(key.1.to_string(), e))?,
-        ),
+        ListenAddr::Tcp(addr) => {
+            Socket::Tcp(bind_tcp(*addr).map_err(|e| StartError::Bind(key.1.to_string(), e))?)
+        }
         ListenAddr::Unix(path) => Socket::Unix(
             bind_unix(path, socket_mode).map_err(|e| StartError::Bind(key.1.to_string(), e))?,
         ),
     };
     Ok(Bound { key, route, socket })
+}
+
+/// Connections the kernel completes before credgate accepts them. tokio's default (1024) lets a
+/// burst of new connections (a test rig, a fleet of cron jobs starting at once) overflow the
+/// queue, and each caller that overflows it waits a second for its SYN to be resent. The kernel
+/// caps this at `net.core.somaxconn` (4096 on current kernels).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Binds a Unix socket (replacing a stale one from an earlier run) with the given mode, so

@@ -611,6 +611,43 @@ async fn silent_and_preface_prefix_connections_are_closed_at_header_read_timeout
     assert_eq!(up.count(), 0);
 }
 
+/// A burst of new connections larger than tokio's default listen backlog (1024) waits in the
+/// kernel's queue while credgate is busy: no caller's SYN is dropped, so none waits a second or
+/// more for it to be resent. Here nothing accepts at all (the server is bound, not run).
+#[tokio::test]
+async fn a_burst_of_1500_connections_is_queued_while_none_is_accepted() {
+    const BURST: u64 = 1500;
+    let limit = rlimit::increase_nofile_limit(BURST + 200).expect("open-file limit");
+    assert!(
+        limit >= BURST + 200,
+        "the open-file limit ({limit}) cannot be raised enough"
+    );
+    let toml = shared_config(&route("r", "/", "http://127.0.0.1:9", NO_AUTH));
+    let config = credgate::config::parse(&toml, Path::new("credgate-test.toml")).expect("config");
+    let server = credgate::server::Server::bind(config).await.expect("bind");
+    let addr = server.local_addrs()[0];
+
+    let mut set = JoinSet::new();
+    for _ in 0..BURST {
+        set.spawn(tokio::time::timeout(
+            Duration::from_millis(800),
+            TcpStream::connect(addr),
+        ));
+    }
+    let mut open = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(Ok(s)) = r.expect("connect task") {
+            open.push(s);
+        }
+    }
+    assert_eq!(
+        open.len() as u64,
+        BURST,
+        "connections not queued within 800 ms"
+    );
+    drop(server);
+}
+
 #[tokio::test]
 async fn silent_unix_socket_connection_is_closed_at_header_read_timeout() {
     let up = Upstream::echo().await;
