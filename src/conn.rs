@@ -690,6 +690,12 @@ mod sweeper {
             if done {
                 return;
             }
+            // mimalloc returns freed pages to the system only when the thread that owns them
+            // calls into it, so after a burst of requests an idle worker kept them all (160 MiB
+            // at 10,000 callers instead of 48). This hands them back, after mimalloc's purge
+            // delay. A no-op when mimalloc is not the allocator (the library inside a test).
+            // SAFETY: mi_collect tidies this thread's heap; it takes no pointers.
+            unsafe { libmimalloc_sys::mi_collect(false) };
         }
     }
 }
