@@ -24,7 +24,9 @@
 #   - large bodies (BIG_MIB=1024, 0 to skip): one upload and one download of that size through
 #     nginx (proxy_request_buffering/proxy_buffering off, so it streams too) and credgate, with
 #     each proxy's peak RSS during the transfer
-#   - RSS with IDLE=10000 idle keep-alive connections (0 to skip), credgate and nginx
+#   - RSS with IDLE=10000 idle keep-alive connections (0 to skip), credgate and nginx (all its
+#     workers): opened by one loop as fast as it can, each answered once, measured 3 s later,
+#     with the peak while they opened
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -270,26 +272,36 @@ if [ "$IDLE" -gt 0 ]; then
   IDLE_REPORT=""
   for name in credgate-nolog nginx; do
     pid=$(eval echo "\$PID_${name//-/_}")
-    [ "$name" = nginx ] && pid=$(worker_of "$pid")
-    line=$(python3 - "$(port_of $name)" "$IDLE" "$pid" "$(rss "$pid")" "$name" <<'PY'
+    [ "$name" = nginx ] && pid=$(pgrep -P "$pid" | paste -sd,)  # all its workers
+    line=$(python3 - "$(port_of $name)" "$IDLE" "$pid" "$name" <<'PY'
 import socket, sys, time
-port, n, pid, before, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-def rss():
-    for l in open(f"/proc/{pid}/status"):
-        if l.startswith("VmRSS"): return int(l.split()[1])
+port, n, pids, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
+def rss():  # KiB, summed over the processes
+    return sum(int(l.split()[1]) for p in pids for l in open(f"/proc/{p}/status") if l.startswith("VmRSS"))
+before = rss()
+import threading
+peak, sampling = [before], [True]
+def sample():  # peak RSS while the connections open and are answered
+    while sampling[0]:
+        peak[0] = max(peak[0], rss()); time.sleep(0.02)
+sampler = threading.Thread(target=sample); sampler.start()
 socks = []
 req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-for i in range(n):
+t0 = time.time()
+for i in range(n):  # as fast as one loop can: the requests arrive nearly together
     s = socket.create_connection(("127.0.0.1", port)); s.sendall(req); socks.append(s)
+opened = time.time() - t0
 deadline = time.time() + 30
 for s in socks:  # one request each, so every connection is a served keep-alive connection
     s.settimeout(max(0.1, deadline - time.time())); s.recv(4096)
-time.sleep(1)
+sampling[0] = False; sampler.join()
+time.sleep(3)  # idle: credgate parks them within 0.5 s; its allocator purges after 1 s
 after = rss()
 # a new request is still served while they are open
 t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 " in t.recv(4096)
 print(f"{name}: {n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
-      f"({(after-before)*1024/n:.0f} B/connection); new request served: {ok}")
+      f"({(after-before)*1024/n:.0f} B/connection; peak {peak[0]/1024:.1f} MiB while they opened "
+      f"in {opened:.1f} s); new request served: {ok}")
 PY
 ) || line="$name: idle connection check failed"
     log "$line"
