@@ -26,7 +26,7 @@
 #     each proxy's peak RSS during the transfer
 #   - RSS with IDLE=10000 idle keep-alive connections (0 to skip), credgate and nginx (all its
 #     workers): opened by one loop as fast as it can, each answered once, measured 3 s later,
-#     with the peak while they opened
+#     with the peak while they opened, and again 3 s after they all closed
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -299,9 +299,13 @@ time.sleep(3)  # idle: credgate parks them within 0.5 s; its allocator purges af
 after = rss()
 # a new request is still served while they are open
 t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 " in t.recv(4096)
+for s in socks + [t]:
+    s.close()
+time.sleep(3)
+gone = rss()
 print(f"{name}: {n} idle keep-alive connections: RSS {before/1024:.1f} -> {after/1024:.1f} MiB "
       f"({(after-before)*1024/n:.0f} B/connection; peak {peak[0]/1024:.1f} MiB while they opened "
-      f"in {opened:.1f} s); new request served: {ok}")
+      f"in {opened:.1f} s; {gone/1024:.1f} MiB 3 s after they closed); new request served: {ok}")
 PY
 ) || line="$name: idle connection check failed"
     log "$line"

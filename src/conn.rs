@@ -672,6 +672,7 @@ mod sweeper {
         let mut tick = tokio::time::interval(PARK_AFTER);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut linger = LINGER_TICKS;
         loop {
             tick.tick().await;
             let now = tokio::time::Instant::now();
@@ -686,7 +687,12 @@ mod sweeper {
                     }
                     true
                 });
-                w.sweeping = !w.conns.is_empty();
+                linger = if w.conns.is_empty() {
+                    linger.saturating_sub(1)
+                } else {
+                    LINGER_TICKS
+                };
+                w.sweeping = linger > 0;
                 !w.sweeping
             });
             if done {
@@ -700,6 +706,11 @@ mod sweeper {
             unsafe { libmimalloc_sys::mi_collect(false) };
         }
     }
+
+    /// Ticks a sweep goes on for once it watches no connection: past mimalloc's purge delay
+    /// (1 s), so what the last connections freed is handed back too (a burst of 10,000 callers
+    /// that all left kept 87 – 107 MiB otherwise).
+    const LINGER_TICKS: u32 = 15;
 }
 
 /// The client's stream as hyper sees it: bytes already read come first, and writes and
