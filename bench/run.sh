@@ -284,7 +284,7 @@ peak, sampling = [before], [True]
 def sample():  # peak RSS while the connections open and are answered
     while sampling[0]:
         peak[0] = max(peak[0], rss()); time.sleep(0.02)
-sampler = threading.Thread(target=sample); sampler.start()
+sampler = threading.Thread(target=sample, daemon=True); sampler.start()  # never holds up an exit
 socks = []
 req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 t0 = time.time()
@@ -295,7 +295,7 @@ deadline = time.time() + 30
 for s in socks:  # one request each, so every connection is a served keep-alive connection
     s.settimeout(max(0.1, deadline - time.time())); s.recv(4096)
 sampling[0] = False; sampler.join()
-time.sleep(3)  # idle: credgate parks them within 0.5 s; its allocator purges after 1 s
+time.sleep(3)  # idle: credgate parks them within 0.2 s; its allocator purges after 1 s
 after = rss()
 # a new request is still served while they are open
 t = socket.create_connection(("127.0.0.1", port)); t.sendall(req); ok = b" 200 " in t.recv(4096)

@@ -35,8 +35,8 @@ use crate::server::Shared;
 /// How long an HTTP/1 connection waits for its next request before it parks (at most twice
 /// this: a sweep every `PARK_AFTER` finds it). Parking and unparking cost about as much as a
 /// small request, so a connection in use never parks; and a burst of callers that each send
-/// one request holds hyper's buffers for this long (10,000 at once: 109 MiB at the peak with
-/// 100 ms, 155 MiB with 250 ms).
+/// one request holds hyper's buffers for this long (10,000 at once, one run each: 109 MiB at the
+/// peak with 100 ms, 155 MiB with 250 ms).
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -613,6 +613,10 @@ impl hyper::rt::Sleep for HeadWait {}
 /// past their header read deadline (to close). One task per thread ticking every
 /// [`PARK_AFTER`], instead of timers per request: each costs a timer-wheel entry, and a
 /// wake-up syscall when it is due sooner than the runtime's next wake-up.
+///
+/// Assumes one runtime per thread, driven and dropped on that thread (credgate's workers and
+/// main runtime): the state is thread-local, and a sweep on another runtime of the same thread
+/// would not be driven.
 mod sweeper {
     use std::cell::RefCell;
     use std::sync::atomic::Ordering;
@@ -628,6 +632,7 @@ mod sweeper {
     struct Watched {
         /// Each connection once, with its task's waker.
         conns: Vec<(Weak<Idle>, Waker)>,
+        /// Whether this thread's sweep task exists (it may be settling, with no connection).
         sweeping: bool,
     }
 
@@ -672,45 +677,52 @@ mod sweeper {
         let mut tick = tokio::time::interval(PARK_AFTER);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        let mut linger = LINGER_TICKS;
+        let mut settling = SETTLE_TICKS;
         loop {
             tick.tick().await;
             let now = tokio::time::Instant::now();
             let done = WATCHED.with(|w| {
                 let mut w = w.borrow_mut();
+                let before = w.conns.len();
+                let mut woke = false;
                 w.conns.retain(|(idle, waker)| {
                     let Some(idle) = idle.upgrade() else {
                         return false;
                     };
                     if idle.sweep(now) {
                         waker.wake_by_ref();
+                        woke = true;
                     }
                     true
                 });
-                linger = if w.conns.is_empty() {
-                    linger.saturating_sub(1)
+                // A connection came, went or parks: memory was freed, or soon will be.
+                settling = if woke || w.conns.len() != before {
+                    SETTLE_TICKS
                 } else {
-                    LINGER_TICKS
+                    settling.saturating_sub(1)
                 };
-                w.sweeping = linger > 0;
+                w.sweeping = settling > 0 || !w.conns.is_empty();
                 !w.sweeping
             });
             if done {
                 return;
             }
-            // mimalloc returns freed pages to the system only when the thread that owns them
-            // calls into it, so after a burst of requests an idle worker kept them all (160 MiB
-            // at 10,000 callers instead of 48). This hands them back, after mimalloc's purge
-            // delay. A no-op when mimalloc is not the allocator (the library inside a test).
-            // SAFETY: mi_collect tidies this thread's heap; it takes no pointers.
-            unsafe { libmimalloc_sys::mi_collect(false) };
+            if settling > 0 {
+                // mimalloc returns freed pages to the system only when the thread that owns
+                // them calls into it, so after a burst an idle worker kept them all (158 MiB
+                // at 10,000 callers instead of 48; 107 instead of 26 once they had left). This
+                // hands them back, after mimalloc's purge delay. A no-op when mimalloc is not
+                // the allocator (the library inside a test).
+                // SAFETY: mi_collect tidies this thread's heap; it takes no pointers.
+                unsafe { libmimalloc_sys::mi_collect(false) };
+            }
         }
     }
 
-    /// Ticks a sweep goes on for once it watches no connection: past mimalloc's purge delay
-    /// (1 s), so what the last connections freed is handed back too (a burst of 10,000 callers
-    /// that all left kept 87 – 107 MiB otherwise).
-    const LINGER_TICKS: u32 = 15;
+    /// Ticks after the last change among this thread's connections during which the sweep
+    /// hands freed memory back (and goes on ticking if none is left): two of mimalloc's 1 s
+    /// purge delays, one for the pages to come free and one for their purge.
+    const SETTLE_TICKS: u32 = 25;
 }
 
 /// The client's stream as hyper sees it: bytes already read come first, and writes and

@@ -269,10 +269,10 @@ async fn bind(key: Key, route: Option<String>, socket_mode: u32) -> Result<Bound
     Ok(Bound { key, route, socket })
 }
 
-/// Connections the kernel completes before credgate accepts them. tokio's default (1024) lets a
-/// burst of new connections (a test rig, a fleet of cron jobs starting at once) overflow the
-/// queue, and each caller that overflows it waits a second for its SYN to be resent. The kernel
-/// caps this at `net.core.somaxconn` (4096 on current kernels).
+/// Connections the kernel completes before credgate accepts them. tokio's bind uses 128, which
+/// lets a burst of new connections (a test rig, a fleet of cron jobs starting at once) overflow
+/// the queue, and each caller that overflows it waits a second for its SYN to be resent. The
+/// kernel caps this at `net.core.somaxconn` (4096 since Linux 5.4).
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {

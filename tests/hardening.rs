@@ -611,17 +611,26 @@ async fn silent_and_preface_prefix_connections_are_closed_at_header_read_timeout
     assert_eq!(up.count(), 0);
 }
 
-/// A burst of new connections larger than tokio's default listen backlog (1024) waits in the
-/// kernel's queue while credgate is busy: no caller's SYN is dropped, so none waits a second or
-/// more for it to be resent. Here nothing accepts at all (the server is bound, not run).
+/// A burst of new connections larger than tokio's listen backlog (mio's 128, also a common
+/// default elsewhere: 1024) waits in the kernel's queue while credgate is busy: no caller's SYN
+/// is dropped, so none waits a second or more for it to be resent. Here nothing accepts at all
+/// (the server is bound, not run). With tokio's bind, 129 of the 1,500 got through.
 #[tokio::test]
 async fn a_burst_of_1500_connections_is_queued_while_none_is_accepted() {
     const BURST: u64 = 1500;
-    let limit = rlimit::increase_nofile_limit(BURST + 200).expect("open-file limit");
-    assert!(
-        limit >= BURST + 200,
-        "the open-file limit ({limit}) cannot be raised enough"
-    );
+    // The kernel caps every backlog at net.core.somaxconn (4096 since Linux 5.4, 128 before).
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if somaxconn <= BURST {
+        eprintln!("SKIPPED: net.core.somaxconn is {somaxconn}, this test needs more than {BURST}");
+        return;
+    }
+    let _ = rlimit::increase_nofile_limit(BURST + 200);
+    if !enough_files(BURST + 200) {
+        return;
+    }
     let toml = shared_config(&route("r", "/", "http://127.0.0.1:9", NO_AUTH));
     let config = credgate::config::parse(&toml, Path::new("credgate-test.toml")).expect("config");
     let server = credgate::server::Server::bind(config).await.expect("bind");
