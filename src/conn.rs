@@ -849,4 +849,40 @@ mod tests {
             assert!(!sweeper::sweeping(), "the dropped sweep left no trace");
         }
     }
+
+    #[test]
+    fn a_sweep_goes_on_after_its_last_connection_then_ends_and_a_new_one_starts() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true) // time advances by itself while the runtime waits
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let watch = |idle: &Arc<Idle>| {
+                let idle = idle.clone();
+                std::future::poll_fn(move |cx| {
+                    sweeper::watch(&idle, cx);
+                    Poll::Ready(())
+                })
+            };
+            let idle = Arc::new(Idle::new());
+            watch(&idle).await;
+            tokio::task::yield_now().await;
+            drop(idle);
+            // Two purge delays (2.5 s) after the connection left, the sweep still runs...
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert!(
+                sweeper::sweeping(),
+                "the sweep went on after its last connection"
+            );
+            // ...and after them it has ended.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(!sweeper::sweeping(), "the sweep ended");
+            // A new connection starts a new sweep.
+            let idle = Arc::new(Idle::new());
+            watch(&idle).await;
+            tokio::task::yield_now().await;
+            assert!(sweeper::sweeping(), "a new sweep runs");
+        });
+    }
 }
