@@ -836,18 +836,24 @@ mod tests {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                let idle = Arc::new(Idle::new());
-                std::future::poll_fn(|cx| {
-                    sweeper::watch(&idle, cx);
-                    Poll::Ready(())
-                })
-                .await;
-                tokio::task::yield_now().await;
+                let _idle = watched().await;
                 assert!(sweeper::sweeping(), "a sweep runs on this thread");
             });
             drop(rt);
             assert!(!sweeper::sweeping(), "the dropped sweep left no trace");
         }
+    }
+
+    /// A connection's idle state, watched by this thread's sweep (which has had a turn to run).
+    async fn watched() -> Arc<Idle> {
+        let idle = Arc::new(Idle::new());
+        std::future::poll_fn(|cx| {
+            sweeper::watch(&idle, cx);
+            Poll::Ready(())
+        })
+        .await;
+        tokio::task::yield_now().await;
+        idle
     }
 
     #[test]
@@ -858,17 +864,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let watch = |idle: &Arc<Idle>| {
-                let idle = idle.clone();
-                std::future::poll_fn(move |cx| {
-                    sweeper::watch(&idle, cx);
-                    Poll::Ready(())
-                })
-            };
-            let idle = Arc::new(Idle::new());
-            watch(&idle).await;
-            tokio::task::yield_now().await;
-            drop(idle);
+            drop(watched().await);
             // Two purge delays (2.5 s) after the connection left, the sweep still runs...
             tokio::time::sleep(Duration::from_millis(2500)).await;
             assert!(
@@ -879,9 +875,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             assert!(!sweeper::sweeping(), "the sweep ended");
             // A new connection starts a new sweep.
-            let idle = Arc::new(Idle::new());
-            watch(&idle).await;
-            tokio::task::yield_now().await;
+            let _idle = watched().await;
             assert!(sweeper::sweeping(), "a new sweep runs");
         });
     }
