@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     // are served on worker threads of their own (see `Server::with_workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_park(telemetry::flush_thread)
+        .on_thread_park(telemetry::on_park)
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(async move {

@@ -83,7 +83,7 @@ impl Workers {
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .on_thread_park(crate::telemetry::flush_thread)
+                .on_thread_park(crate::telemetry::on_park)
                 .build()?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             w.handles.push(rt.handle().clone());

@@ -1021,6 +1021,87 @@ async fn every_request_gets_exactly_one_whole_log_line_none_lost_at_exit() {
     assert!(broken.is_empty(), "torn lines: {broken:?}");
 }
 
+/// Write calls credgate's log writer thread has made so far (Linux: /proc/PID/task/*/io).
+fn log_writes(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task");
+    let writer = tasks
+        .filter_map(Result::ok)
+        .map(|t| t.path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "credgate-log"))
+        .expect("a thread named credgate-log");
+    let io = std::fs::read_to_string(writer.join("io")).expect("read the thread's io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("syscw in io")
+}
+
+/// A trickle of requests, each answered before the next is sent, so the worker runs out of work
+/// after every one: their lines reach stderr in batches (a few milliseconds apart), not with a
+/// write (and a wake-up of the log writer) per request.
+#[tokio::test]
+async fn a_trickle_of_requests_is_logged_in_batches_not_a_write_each() {
+    const N: u64 = 200;
+    let up = Upstream::echo().await;
+    let cg = start_binary(
+        &shared_config(&route("api", "/api", &up.url(), NO_AUTH)),
+        &[("CREDGATE_WORKERS", "1")],
+    )
+    .await;
+    let mut s = TcpStream::connect(cg.addr()).await.unwrap();
+    let mut one = async |i: u64| {
+        let req = format!("GET /api/{i} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The echo upstream answers JSON naming the path; the object's end ends the answer.
+        while !got.ends_with(b"}") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    };
+    one(N).await;
+    let cg = &cg;
+    let lines = |n: usize| {
+        poll_until(move || {
+            (cg.log_lines()
+                .iter()
+                .filter(|l| l["message"] == "request")
+                .count()
+                == n)
+                .then_some(())
+        })
+    };
+    lines(1).await.expect("the first request is logged");
+
+    let before = log_writes(cg.pid());
+    let started = Instant::now();
+    for i in 0..N {
+        one(i).await;
+    }
+    let took = started.elapsed();
+    lines(N as usize + 1)
+        .await
+        .expect("every request is logged");
+    let writes = log_writes(cg.pid()) - before;
+    // One write per batch: at most one per 5 ms, plus the last; a batch per request, N.
+    let batches = took.as_millis() as u64 / 5 + 2;
+    assert!(
+        batches < N / 2,
+        "{N} requests took {took:?}: too slow to tell batches from single lines"
+    );
+    assert!(
+        writes <= batches,
+        "the log writer wrote {writes} times for {N} requests in {took:?} (at most {batches} expected)"
+    );
+}
+
 // ---------------------------------------------------------------- 13. shutdown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
