@@ -110,6 +110,9 @@ pub struct Conn {
     /// The admin listener's connection, served by [`crate::admin`].
     pub admin: bool,
     pub via: Via,
+    /// Its place in its worker's count of connections (see `server::Workers`), freed when the
+    /// connection ends.
+    pub seat: Option<Counted>,
 }
 
 impl Conn {
@@ -129,6 +132,7 @@ impl Conn {
             header_read_timeout,
             admin,
             via,
+            seat: _seat,
         } = self;
         if stop.was_requested() {
             return;
@@ -405,10 +409,10 @@ impl http_body::Body for Tracked {
 }
 
 /// One in a gauge while it lives.
-struct Counted(Gauge);
+pub struct Counted(Gauge);
 
 impl Counted {
-    fn new(gauge: &Gauge) -> Self {
+    pub fn new(gauge: &Gauge) -> Self {
         gauge.inc();
         Self(gauge.clone())
     }

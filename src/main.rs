@@ -75,8 +75,9 @@ fn main() -> ExitCode {
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         |n| n.get(),
     );
-    // This thread accepts, reloads and refreshes tokens; with more than one worker, connections
-    // are served on worker threads of their own (see `Server::with_workers`).
+    // This thread reloads and refreshes tokens, and with one worker also accepts and serves;
+    // with more, the workers accept and serve connections on threads of their own (see
+    // `Server::with_workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(telemetry::on_park)

@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{self, Config, ListenAddr, Matcher};
-use crate::conn::{Conn, Drain};
+use crate::conn::{Conn, Counted, Drain};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::route::Via;
@@ -63,11 +63,12 @@ pub struct Server {
 
 /// Threads that serve connections, each on its own single-threaded runtime (like nginx's worker
 /// processes): a connection, its requests and the upstream connections they open stay on one
-/// thread, with no work stealing or cross-thread wake-ups on the request path. The runtime that
-/// accepts hands each new connection to the next worker in turn.
+/// thread, with no work stealing or cross-thread wake-ups on the request path. Every worker
+/// accepts from every listening socket (see [`Serving::accept_on`]).
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
-    next: std::sync::atomic::AtomicUsize,
+    /// The connections each worker serves now.
+    load: Vec<Gauge>,
     stop: Vec<tokio::sync::oneshot::Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -76,7 +77,7 @@ impl Workers {
     fn start(n: usize) -> std::io::Result<Self> {
         let mut w = Self {
             handles: Vec::with_capacity(n),
-            next: Default::default(),
+            load: (0..n).map(|_| Gauge::default()).collect(),
             stop: Vec::with_capacity(n),
             threads: Vec::with_capacity(n),
         };
@@ -99,9 +100,22 @@ impl Workers {
         Ok(w)
     }
 
-    fn next(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.handles[i % self.handles.len()]
+    /// The worker to serve a connection that worker `me` accepted, counted there: `me`, unless
+    /// it serves [`SLACK`] and a quarter more connections than the least busy worker. Without
+    /// this, a burst of new keep-alive connections could all land on whichever worker was
+    /// awake; with a tighter bound, the counts' swings under connection-per-request load cost
+    /// hand-overs.
+    fn seat(&self, me: usize) -> (usize, Counted) {
+        let least = (0..self.load.len())
+            .min_by_key(|&i| self.load[i].get())
+            .unwrap_or(me);
+        let mine = self.load[me].get();
+        let to = if mine > self.load[least].get() + SLACK + mine / 4 {
+            least
+        } else {
+            me
+        };
+        (to, Counted::new(&self.load[to]))
     }
 
     /// Ends the worker threads (what still runs on them is dropped) and waits for them.
@@ -138,8 +152,8 @@ impl Server {
         })
     }
 
-    /// Serves connections on `n` worker threads (see [`Workers`]) instead of the runtime that
-    /// calls [`Server::run`], which then only accepts, reloads and refreshes tokens.
+    /// Accepts and serves connections on `n` worker threads (see [`Workers`]) instead of the
+    /// runtime that calls [`Server::run`], which then only reloads and refreshes tokens.
     pub fn with_workers(mut self, n: usize) -> Result<Self, StartError> {
         self.workers = Some(Workers::start(n).map_err(StartError::Workers)?);
         Ok(self)
@@ -275,6 +289,10 @@ async fn bind(key: Key, route: Option<String>, socket_mode: u32) -> Result<Bound
 /// kernel caps this at `net.core.somaxconn` (4096 since Linux 5.4).
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// How many more connections than the least busy worker a worker serves before it hands new
+/// ones over (see [`Workers::seat`]).
+const SLACK: i64 = 2;
+
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -323,14 +341,17 @@ struct Serving {
 
 struct Running {
     stop: watch::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    /// An accept loop per worker (one on the calling runtime without workers).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     path: Option<PathBuf>,
 }
 
 impl Running {
     async fn stop(self) {
         drop(self.stop);
-        let _ = self.task.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
         if let Some(p) = self.path {
             let _ = std::fs::remove_file(p);
         }
@@ -356,15 +377,67 @@ impl Serving {
             ListenAddr::Unix(p) => Some(p.clone()),
             ListenAddr::Tcp(_) => None,
         };
-        let task = tokio::spawn(self.clone().accept_loop(l.key.0.clone(), l.socket, stopped));
+        let role = l.key.0;
+        let tasks = match &self.workers {
+            None => vec![tokio::spawn(self.clone().accept_loop(
+                None,
+                role.clone(),
+                l.socket,
+                stopped,
+            ))],
+            Some(workers) => self.accept_on(workers, &role, l.socket, &stopped, &shown),
+        };
+        let key = (role, l.key.1);
         self.running
             .lock()
             .expect("listeners lock")
-            .insert(l.key, Running { stop, task, path });
+            .insert(key, Running { stop, tasks, path });
     }
 
+    /// Starts an accept loop for `socket` on every worker, each with its own descriptor for it
+    /// registered with its own runtime: a connection is served where it was accepted, with no
+    /// hand-over between threads, unless that worker already serves more than its share (see
+    /// [`Workers::seat`]). Each new connection wakes every idle worker; all but one find
+    /// nothing to accept.
+    fn accept_on(
+        self: &Arc<Self>,
+        workers: &Workers,
+        role: &Role,
+        socket: Socket,
+        stopped: &watch::Receiver<()>,
+        shown: &str,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let socket = match socket.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(addr = %shown, error = %e, "no worker can accept");
+                return Vec::new();
+            }
+        };
+        let mut tasks = Vec::with_capacity(workers.handles.len());
+        for (i, rt) in workers.handles.iter().enumerate() {
+            let mine = match socket.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(addr = %shown, error = %e, "a worker cannot accept");
+                    continue;
+                }
+            };
+            let (this, role, stopped) = (self.clone(), role.clone(), stopped.clone());
+            tasks.push(rt.spawn(async move {
+                match mine.into_tokio() {
+                    Ok(socket) => this.accept_loop(Some(i), role, socket, stopped).await,
+                    Err(e) => tracing::warn!(error = %e, "a worker cannot accept"),
+                }
+            }));
+        }
+        tasks
+    }
+
+    /// Accepts on `socket` for worker `me` (the calling runtime without workers) until stopped.
     async fn accept_loop(
         self: Arc<Self>,
+        me: Option<usize>,
         role: Role,
         socket: Socket,
         mut stop: watch::Receiver<()>,
@@ -377,12 +450,21 @@ impl Serving {
             match accepted {
                 Ok(Accepted::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    match &self.workers {
-                        None => self.conn(&role).serve(s),
-                        Some(workers) => self.hand_over(workers, &role, s),
+                    match me.zip(self.workers.as_deref()) {
+                        Some((me, workers)) => match workers.seat(me) {
+                            (to, seat) if to == me => self.conn(&role, Some(seat)).serve(s),
+                            // Watched from now on, so a shutdown waits for it even before the
+                            // other worker takes it.
+                            (to, seat) => {
+                                hand_over(&workers.handles[to], self.conn(&role, Some(seat)), s)
+                            }
+                        },
+                        None => self.conn(&role, None).serve(s),
                     }
                 }
-                Ok(Accepted::Unix(s)) => self.conn(&role).serve(s),
+                // Served where accepted, uncounted: few, and a Unix stream would need a
+                // hand-over of its own.
+                Ok(Accepted::Unix(s)) => self.conn(&role, None).serve(s),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -392,25 +474,10 @@ impl Serving {
         }
     }
 
-    /// Serves `s` on the next worker: the socket moves to that worker's runtime.
-    fn hand_over(&self, workers: &Workers, role: &Role, s: tokio::net::TcpStream) {
-        let s = match s.into_std() {
-            Ok(s) => s,
-            Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
-        };
-        // Watched from now on, so a shutdown waits for it even before the worker takes it.
-        let conn = self.conn(role);
-        workers.next().spawn(async move {
-            match tokio::net::TcpStream::from_std(s) {
-                Ok(s) => conn.serve(s),
-                Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
-            }
-        });
-    }
-
     /// What a newly accepted connection needs; it is watched for shutdown from now on.
-    fn conn(&self, role: &Role) -> Conn {
+    fn conn(&self, role: &Role, seat: Option<Counted>) -> Conn {
         Conn {
+            seat,
             shared: self.shared.clone(),
             stop: self.drain.stop_signal(),
             header_read_timeout: self.header_read_timeout,
@@ -468,6 +535,52 @@ impl Serving {
             self.spawn(l);
         }
         Ok(files)
+    }
+}
+
+/// Serves `s` on the worker `rt` runs: the socket moves to that worker's runtime.
+fn hand_over(rt: &tokio::runtime::Handle, conn: Conn, s: tokio::net::TcpStream) {
+    let s = match s.into_std() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
+    };
+    rt.spawn(async move {
+        match tokio::net::TcpStream::from_std(s) {
+            Ok(s) => conn.serve(s),
+            Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
+        }
+    });
+}
+
+/// A listening socket between runtimes: each worker registers its own descriptor for it.
+enum StdSocket {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Socket {
+    fn into_std(self) -> std::io::Result<StdSocket> {
+        Ok(match self {
+            Self::Tcp(l) => StdSocket::Tcp(l.into_std()?),
+            Self::Unix(l) => StdSocket::Unix(l.into_std()?),
+        })
+    }
+}
+
+impl StdSocket {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(l) => Self::Tcp(l.try_clone()?),
+            Self::Unix(l) => Self::Unix(l.try_clone()?),
+        })
+    }
+
+    /// Registers the socket with the runtime this is called on.
+    fn into_tokio(self) -> std::io::Result<Socket> {
+        Ok(match self {
+            Self::Tcp(l) => Socket::Tcp(TcpListener::from_std(l)?),
+            Self::Unix(l) => Socket::Unix(UnixListener::from_std(l)?),
+        })
     }
 }
 
@@ -575,4 +688,42 @@ fn watch_files(
         }
     }
     Some(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of connections one worker accepts is spread until the workers are level within
+    /// the slack; each connection counts where it is served until it ends.
+    #[test]
+    fn a_burst_accepted_by_one_worker_is_spread_over_all() {
+        let workers = Workers::start(2).expect("two workers");
+        let load = |i: usize| workers.load[i].get();
+        let mut seats: Vec<(usize, Counted)> = (0..64).map(|_| workers.seat(0)).collect();
+        let on = |w: usize, seats: &[(usize, Counted)]| seats.iter().filter(|s| s.0 == w).count();
+        assert_eq!(on(0, &seats) as i64, load(0));
+        assert_eq!(on(1, &seats) as i64, load(1));
+        assert!(
+            load(1) >= 26 && load(0) <= 38,
+            "64 connections accepted by worker 0 are served {} / {}",
+            load(0),
+            load(1)
+        );
+        // The first few stay where they were accepted: no hand-over for a small lead.
+        assert!(seats[..3].iter().all(|s| s.0 == 0));
+
+        // Worker 1's connections end: the least busy, it keeps what it accepts.
+        seats.retain(|s| s.0 == 0);
+        assert_eq!(load(1), 0);
+        let more: Vec<_> = (0..8).map(|_| workers.seat(1)).collect();
+        assert!(
+            more.iter().all(|s| s.0 == 1),
+            "worker 1 keeps what it accepts"
+        );
+        drop(seats);
+        assert_eq!(load(0), 0);
+        drop(more);
+        assert_eq!(load(1), 0, "a seat is freed when its connection ends");
+    }
 }

@@ -946,6 +946,48 @@ async fn a_unix_socket_added_by_a_reload_gets_the_reloaded_mode() {
     assert_eq!(mode(&b), "660", "the reloaded config asks for 0660");
 }
 
+/// Each of two workers accepts on every listener: a reload that drops a listener closes it on
+/// both (nothing answers there any more), and one it adds is served.
+#[tokio::test]
+async fn a_listener_dropped_by_a_reload_stops_accepting_on_every_worker() {
+    let up = Upstream::echo().await;
+    let own = |name: &str| {
+        format!(
+            "[server]\nlisten = []\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\nauth = {{ type = \"none\" }}\n",
+            up.url()
+        )
+    };
+    let cg = start_binary(&own("old"), &[("CREDGATE_WORKERS", "2")]).await;
+    let old = cg.route_addr("old");
+    // A connection each, open at once: the two workers race to accept them.
+    let requests = (0..16).map(|i| async move { get(old, &format!("/before/{i}"), &[]).await });
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.status, StatusCode::OK);
+    }
+
+    replace_file(&cg.dir.path().join("credgate.toml"), &own("new"));
+    cg.wait_for_log("config reloaded", |l| l["message"] == "config reloaded")
+        .await;
+
+    let gone = tokio::net::TcpStream::connect(old).await;
+    assert_eq!(
+        gone.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "nothing listens where the dropped listener was"
+    );
+    let added = cg
+        .wait_for_log("new listening", |l| {
+            l["message"] == "listening" && l["listener"] == "route new"
+        })
+        .await;
+    let new: SocketAddr = added["addr"].as_str().unwrap().parse().unwrap();
+    let requests = (0..16).map(|i| async move { get(new, &format!("/after/{i}"), &[]).await });
+    for r in futures_util::future::join_all(requests).await {
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(up.count(), 32);
+}
+
 // ---------------------------------------------------------------- 10. policy
 
 #[tokio::test]
