@@ -21,6 +21,8 @@
 #   - start-up: credgate's spawn to first answered request
 #   - fixed rate (RATE=5000 req/s, 0 to skip; needs oha, installed with cargo if missing):
 #     p50/p99 of direct, nginx and credgate, and what each proxy adds to direct's
+#   - one request per connection (CLOSE=1, 0 to skip): wrk with `Connection: close` at nginx and
+#     credgate, rounds interleaved: what accepting costs (at WORKERS=2, spreading new connections)
 #   - large bodies (BIG_MIB=1024, 0 to skip): one upload and one download of that size through
 #     nginx (proxy_request_buffering/proxy_buffering off, so it streams too) and credgate, with
 #     each proxy's peak RSS during the transfer
@@ -40,6 +42,7 @@ IDLE=${IDLE:-10000}
 RATE=${RATE:-5000}
 RATE_CONNS=${RATE_CONNS:-16}
 BIG_MIB=${BIG_MIB:-1024}
+CLOSE=${CLOSE:-1}
 BASE=${BASE_PORT:-18100}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -239,6 +242,19 @@ PY
   done
 fi
 
+# ---------------------------------------------------------------- one request per connection
+CLOSE_RES=$RUN/close.tsv
+: > "$CLOSE_RES"
+if [ "$CLOSE" != 0 ]; then
+  for round in $(seq "$ROUNDS"); do
+    for name in nginx credgate; do
+      rps=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -H 'Connection: close' "http://127.0.0.1:$(port_of $name)/" | awk '/Requests\/sec/ {print $2}')
+      printf '%s\t%s\t%s\n' "$round" "$name" "$rps" >> "$CLOSE_RES"
+      log "close round $round $(printf '%-9s' "$name") $rps req/s"
+    done
+  done
+fi
+
 # ---------------------------------------------------------------- large bodies
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 worker_of() { pgrep -P "$1" | head -n 1; }  # an nginx master's (only, or first) worker
@@ -314,9 +330,9 @@ PY
 fi
 
 # ---------------------------------------------------------------- table
-python3 - "$RES" "$STARTUP_MS" "$IDLE_REPORT" "$WORKERS" "$CONNS" "$DURATION" "$ROUNDS" "$RATE_RES" "$BIG_RES" "$RATE" <<'PY'
+python3 - "$RES" "$STARTUP_MS" "$IDLE_REPORT" "$WORKERS" "$CONNS" "$DURATION" "$ROUNDS" "$RATE_RES" "$BIG_RES" "$RATE" "$CLOSE_RES" <<'PY'
 import statistics as st, sys
-res, startup, idle, workers, conns, dur, rounds, rate_res, big_res, rate = sys.argv[1:]
+res, startup, idle, workers, conns, dur, rounds, rate_res, big_res, rate, close_res = sys.argv[1:]
 rows = {}
 for line in open(res):
     r, name, rps, p50, p99, cpu, errs = line.rstrip("\n").split("\t")
@@ -347,6 +363,15 @@ if "direct" in rate_rows:
     for n, v in rate_rows.items():
         p50, p99 = st.median(x[0] for x in v), st.median(x[1] for x in v)
         print(f"{n:<10}{p50:>8.0f}{p99:>8.0f}{p50-d50:>8.0f}{p99-d99:>8.0f}")
+close = {}
+for line in open(close_res):
+    r, name, rps = line.rstrip("\n").split("\t")
+    close.setdefault(name, []).append(float(rps))
+if close:
+    nginx_close = st.median(close["nginx"])
+    print("\none request per connection (Connection: close; medians over rounds)")
+    for n, v in close.items():
+        print(f"{n:<10}{st.median(v):>10.0f} req/s {st.median(v)/nginx_close:>5.2f}x nginx")
 big = [l.rstrip("\n").split("\t") for l in open(big_res)]
 if big:
     print("\nlarge bodies (one transfer each)")
