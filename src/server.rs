@@ -372,7 +372,6 @@ impl Serving {
             (_, Some(r)) => format!("route {r}"),
             _ => "shared".to_owned(),
         };
-        tracing::info!(addr = %shown, listener = %what, "listening");
         let path = match &l.key.1 {
             ListenAddr::Unix(p) => Some(p.clone()),
             ListenAddr::Tcp(_) => None,
@@ -387,6 +386,15 @@ impl Serving {
             ))],
             Some(workers) => self.accept_on(workers, &role, l.socket, &stopped, &shown),
         };
+        if tasks.is_empty() {
+            // Left out of the running set, so the next reload binds it again.
+            tracing::error!(addr = %shown, listener = %what, "no worker can accept; not listening");
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+            return;
+        }
+        tracing::info!(addr = %shown, listener = %what, "listening");
         let key = (role, l.key.1);
         self.running
             .lock()
@@ -410,26 +418,26 @@ impl Serving {
         let socket = match socket.into_std() {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(addr = %shown, error = %e, "no worker can accept");
+                tracing::warn!(addr = %shown, error = %e, "the workers cannot take the listener");
                 return Vec::new();
             }
         };
         let mut tasks = Vec::with_capacity(workers.handles.len());
         for (i, rt) in workers.handles.iter().enumerate() {
-            let mine = match socket.try_clone() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(addr = %shown, error = %e, "a worker cannot accept");
-                    continue;
-                }
-            };
-            let (this, role, stopped) = (self.clone(), role.clone(), stopped.clone());
-            tasks.push(rt.spawn(async move {
-                match mine.into_tokio() {
-                    Ok(socket) => this.accept_loop(Some(i), role, socket, stopped).await,
-                    Err(e) => tracing::warn!(error = %e, "a worker cannot accept"),
-                }
-            }));
+            // Registered with the worker's runtime here, so a failure is known now.
+            let mine = socket.try_clone().and_then(|s| {
+                let _in = rt.enter();
+                s.into_tokio()
+            });
+            match mine {
+                Ok(mine) => tasks.push(rt.spawn(self.clone().accept_loop(
+                    Some(i),
+                    role.clone(),
+                    mine,
+                    stopped.clone(),
+                ))),
+                Err(e) => tracing::warn!(addr = %shown, error = %e, "a worker cannot accept"),
+            }
         }
         tasks
     }
@@ -705,7 +713,7 @@ mod tests {
         assert_eq!(on(0, &seats) as i64, load(0));
         assert_eq!(on(1, &seats) as i64, load(1));
         assert!(
-            load(1) >= 26 && load(0) <= 38,
+            load(1) > 0 && load(0) - load(1) <= SLACK + load(0) / 4 + 1,
             "64 connections accepted by worker 0 are served {} / {}",
             load(0),
             load(1)

@@ -3,8 +3,9 @@
 //! Lines are formatted on the thread that logs. On runtime worker threads they are gathered in
 //! a per-thread batch, handed on [`PARK_DELAY`] after the thread first runs out of work with
 //! lines in it (tokio's park hook sets a timer on the thread's runtime), at [`BATCH_BYTES`], or
-//! once the oldest line is [`BATCH_DELAY`] old; other threads hand each line on at once. A dedicated thread writes what is handed on to stderr, so a request never waits
-//! on a `write(2)`; when that thread falls behind, logging threads wait (no line is dropped).
+//! once the oldest line is [`BATCH_DELAY`] old; other threads hand each line on at once. A
+//! dedicated thread writes what is handed on to stderr, so a request never waits on a
+//! `write(2)`; when that thread falls behind, logging threads wait (no line is dropped).
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
@@ -145,7 +146,11 @@ impl Batch {
     /// then bounds the park.
     fn arm(&mut self) {
         if self.timer.is_none() {
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            // The timer task must run on this thread, to hand on this thread's batch.
+            let Some(rt) = tokio::runtime::Handle::try_current()
+                .ok()
+                .filter(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+            else {
                 return self.hand_on();
             };
             let wake = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -162,6 +167,21 @@ impl Batch {
 /// A runtime thread's log timer: each time it is woken, hands the thread's batch on
 /// [`PARK_DELAY`] later.
 async fn hand_on_later(wake: std::sync::Arc<tokio::sync::Notify>) {
+    /// When the task ends with its runtime: hands on what waits, and lets a later arming start
+    /// a new timer.
+    struct Disarm;
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            let _ = BATCH.try_with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    b.armed = false;
+                    b.timer = None;
+                    b.hand_on();
+                }
+            });
+        }
+    }
+    let _disarm = Disarm;
     loop {
         wake.notified().await;
         tokio::time::sleep(PARK_DELAY).await;
