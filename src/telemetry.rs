@@ -91,10 +91,7 @@ pub fn init(format: LogFormat) -> LogGuard {
 /// The park hook of runtime threads (`on_thread_park`): from the first call on, the thread
 /// batches its lines, and a batch it holds is handed on [`PARK_DELAY`] later.
 pub fn on_park() {
-    let _ = BATCH.try_with(|b| {
-        let Ok(mut b) = b.try_borrow_mut() else {
-            return;
-        };
+    with_batch(|b| {
         b.batching = true;
         if b.oldest.is_some() && !b.armed {
             b.arm();
@@ -104,9 +101,15 @@ pub fn on_park() {
 
 /// Hands this thread's batch on now.
 pub fn flush_thread() {
+    with_batch(Batch::hand_on);
+}
+
+/// Runs `f` on this thread's batch, unless the thread is ending or the batch is in use (a line
+/// logged from inside the batch's own code).
+fn with_batch(f: impl FnOnce(&mut Batch)) {
     let _ = BATCH.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
-            b.hand_on();
+            f(&mut b);
         }
     });
 }
@@ -172,12 +175,10 @@ async fn hand_on_later(wake: std::sync::Arc<tokio::sync::Notify>) {
     struct Disarm;
     impl Drop for Disarm {
         fn drop(&mut self) {
-            let _ = BATCH.try_with(|b| {
-                if let Ok(mut b) = b.try_borrow_mut() {
-                    b.armed = false;
-                    b.timer = None;
-                    b.hand_on();
-                }
+            with_batch(|b| {
+                b.armed = false;
+                b.timer = None;
+                b.hand_on();
             });
         }
     }
@@ -185,11 +186,9 @@ async fn hand_on_later(wake: std::sync::Arc<tokio::sync::Notify>) {
     loop {
         wake.notified().await;
         tokio::time::sleep(PARK_DELAY).await;
-        let _ = BATCH.try_with(|b| {
-            if let Ok(mut b) = b.try_borrow_mut() {
-                b.armed = false;
-                b.hand_on();
-            }
+        with_batch(|b| {
+            b.armed = false;
+            b.hand_on();
         });
     }
 }
