@@ -15,6 +15,7 @@
 //! - [`pool`]: reused HTTP/1.1 connections to a plaintext upstream.
 //! - [`server`]: listeners, reload on SIGHUP or file change, graceful shutdown.
 //! - [`conn`]: one client connection: HTTP/1 or h2c, parked without buffers while idle.
+//! - [`alloc`]: the global allocator (mimalloc).
 //! - [`admin`]: the admin listener: health, readiness, metrics, status.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: credgate's own errors and their one JSON shape.
@@ -24,6 +25,7 @@
 //! - [`fake`]: a fake Oblien control plane, gateway and OAuth2 server, for the demo and tests.
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod body;
 pub mod config;

@@ -11,9 +11,10 @@ use credgate::telemetry::{self, LogFormat};
 /// mimalloc (per-thread heaps, like credgate's per-thread workers): 3% fewer instructions per
 /// request than glibc's malloc, and memory freed by a burst of connections goes back to the
 /// system (see the sweep in `conn.rs`). Its `no_thp` feature keeps it from asking for transparent
-/// huge pages, which kept whole 2 MiB pages resident for a few live objects.
+/// huge pages, which kept whole 2 MiB pages resident for a few live objects. Called as in
+/// [`credgate::alloc`], not through the `mimalloc` crate's aligned entry points.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: credgate::alloc::MiMalloc = credgate::alloc::MiMalloc;
 
 const EXAMPLES: &str = "\
 Examples:
