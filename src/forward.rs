@@ -233,6 +233,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         present &= !(1 << CONNECTION_INDEX);
         if let http::header::Entry::Occupied(e) = headers.entry(header::CONNECTION) {
             for value in e.remove_entry_mult().1 {
+                // What most messages carry: no header named, nothing to parse.
+                let v = value.as_bytes();
+                if v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close") {
+                    continue;
+                }
                 let tokens = value.to_str().unwrap_or("").split(',').map(str::trim);
                 named.extend(
                     tokens
@@ -333,6 +338,20 @@ mod tests {
         h.insert("x-end-to-end", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+
+    /// `keep-alive` and `close` alone name no header; a later Connection header still does.
+    #[test]
+    fn every_connection_header_counts_after_a_plain_keep_alive() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("CLOSE"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-end-to-end"));
     }
 
