@@ -235,13 +235,21 @@ impl Proxy {
             let mut path = matched.rest;
             let grant = route.auth.grant(&mut path).await?;
             let upstream: &Upstream = grant.upstream.as_deref().unwrap_or(&route.upstream);
-            let query = match &grant.query_token {
-                Some(t) => Some(with_token_param(uri.query(), t.expose())),
-                None => uri.query().map(str::to_owned),
+            let base = matched.add_base_path && !upstream.base_path.is_empty();
+            let target = match (&grant.query_token, uri.path_and_query()) {
+                // Nothing taken from the path, nothing added: the caller's target, shared.
+                (None, Some(pq)) if !base && path == pq.path() => pq.clone(),
+                (token, _) => {
+                    let query = match token {
+                        Some(t) => Some(with_token_param(uri.query(), t.expose())),
+                        None => uri.query().map(str::to_owned),
+                    };
+                    forward::path_and_query(upstream, matched.add_base_path, path, query.as_deref())
+                        .map_err(|_| {
+                            ProxyError::BadRequest("the request path cannot be forwarded")
+                        })?
+                }
             };
-            let target =
-                forward::path_and_query(upstream, matched.add_base_path, path, query.as_deref())
-                    .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded"))?;
             // Sized once for what is added: growing a full map moves and rehashes it.
             let added = grant.headers.len() + 1;
             let mut headers = if body.replayable() {
@@ -270,9 +278,9 @@ impl Proxy {
 
             // 6. Forward.
             let own = grant.upstream.is_none();
-            let sent = Instant::now();
-            let result = tokio::time::timeout(
-                route.timeouts.request,
+            let sent = tokio::time::Instant::now();
+            let result = tokio::time::timeout_at(
+                sent + route.timeouts.request,
                 state.clients.send(upstream, own, upgrade, up_req),
             )
             .await
