@@ -206,12 +206,14 @@ impl Server {
         for l in self.listeners {
             ctx.spawn(l);
         }
+        let (stop_reloading, reloading_stopped) = tokio::sync::oneshot::channel();
         let reloader = tokio::spawn(reloader(
             ctx.clone(),
             self.config_path,
             self.files,
             hangups.ok(),
             (changes, changed, watcher),
+            reloading_stopped,
         ));
 
         shutdown.await;
@@ -219,7 +221,9 @@ impl Server {
             grace_s = self.settings.shutdown_grace.as_secs_f32(),
             "shutting down: no new connections, finishing in-flight requests"
         );
-        reloader.abort();
+        // Not aborted: a reload that is stopping a listener finishes first, or that listener's
+        // accept tasks would still hold the server and no connection would be drained.
+        let _ = stop_reloading.send(());
         let _ = reloader.await;
         let running: Vec<Running> = ctx
             .running
@@ -604,7 +608,8 @@ async fn accept(socket: &Socket) -> std::io::Result<Accepted> {
     }
 }
 
-/// Reloads on SIGHUP and when the config or a file it names changes (debounced).
+/// Reloads on SIGHUP and when the config or a file it names changes (debounced), until `stop`
+/// says so (or is dropped); a reload under way when it does is finished first.
 async fn reloader(
     ctx: Arc<Serving>,
     path: PathBuf,
@@ -615,6 +620,7 @@ async fn reloader(
         mpsc::UnboundedReceiver<&'static str>,
         Option<notify::RecommendedWatcher>,
     ),
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let hup = tx.clone();
     let signals = tokio::spawn(async move {
@@ -623,9 +629,21 @@ async fn reloader(
             let _ = hup.send("SIGHUP");
         }
     });
-    while let Some(why) = rx.recv().await {
+    loop {
+        let why = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            why = rx.recv() => match why {
+                Some(why) => why,
+                None => break,
+            },
+        };
         // Editors and secret managers write in bursts: let the burst finish.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
         while rx.try_recv().is_ok() {}
         match ctx.reload(&path).await {
             Ok(new_files) => {
