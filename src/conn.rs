@@ -119,20 +119,17 @@ impl Conn {
     /// Serves `stream` on the current runtime until the client, an error or a shutdown ends it.
     pub fn serve(self, stream: impl Stream) {
         let open = Counted::new(&self.shared.metrics.open_connections);
-        tokio::spawn(async move {
-            self.run(stream).await;
-            drop(open);
-        });
+        tokio::spawn(self.run(stream, open));
     }
 
-    async fn run(self, stream: impl Stream) {
+    async fn run(self, stream: impl Stream, open: Counted) {
         let Conn {
             shared,
             stop,
             header_read_timeout,
             admin,
             via,
-            seat: _seat,
+            seat,
         } = self;
         if stop.was_requested() {
             return;
@@ -154,7 +151,11 @@ impl Conn {
                 return tracing::debug!("connection closed: no request within the header timeout")
             }
         };
-        let idle = Arc::new(Idle::new());
+        let idle = Arc::new(Idle::new(Some(Held {
+            _open: open,
+            _seat: seat,
+            _stop: stop.clone(),
+        })));
         idle.keep_deadline(first_by);
         let io = ConnIo {
             stream,
@@ -356,7 +357,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
         let proxy = self.shared.proxy.load_full();
         let via = self.via.clone();
         Box::pin(async move {
-            let res = proxy.handle(&via, req).await;
+            let res = proxy.handle(&via, req, ConnRef(&in_flight.0)).await;
             Ok(res.map(|body| Tracked { body, in_flight }))
         })
     }
@@ -365,6 +366,30 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
 /// One request, from the service call until hyper drops its response body (which it does
 /// once the body has ended, or when the exchange is abandoned).
 struct InFlight(Arc<Idle>);
+
+/// The connection a request came on, as the request path sees it.
+#[derive(Clone, Copy)]
+pub struct ConnRef<'a>(&'a Arc<Idle>);
+
+impl ConnRef<'_> {
+    /// Keeps the connection counted among open ones, seated on its worker and waited for by a
+    /// shutdown for as long as the result lives: an upgraded connection leaves hyper, and its
+    /// task ends, but it goes on in a tunnel.
+    pub fn keep(self) -> KeptConn {
+        KeptConn(self.0.clone())
+    }
+}
+
+/// See [`ConnRef::keep`].
+pub struct KeptConn(#[allow(dead_code)] Arc<Idle>);
+
+/// What a connection holds for as long as anything holds its [`Idle`]: its task, its requests
+/// and a tunnel it became (see [`ConnRef::keep`]).
+struct Held {
+    _open: Counted,
+    _seat: Option<Counted>,
+    _stop: StopSignal,
+}
 
 impl InFlight {
     fn new(idle: &Arc<Idle>) -> Self {
@@ -426,6 +451,8 @@ impl Drop for Counted {
 
 /// What an HTTP/1 connection's parts tell the serving loop; all on one task, so relaxed.
 struct Idle {
+    /// The connection's place in the counts and in the drain, freed with the last holder.
+    _held: Option<Held>,
     /// All hyper wrote has been flushed to the socket.
     flushed: AtomicBool,
     /// Bytes came in since hyper began to wait for a request head.
@@ -454,8 +481,9 @@ struct Idle {
 }
 
 impl Idle {
-    fn new() -> Self {
+    fn new(held: Option<Held>) -> Self {
         Self {
+            _held: held,
             flushed: AtomicBool::new(false),
             got_bytes: AtomicBool::new(false),
             park_due: AtomicBool::new(false),
@@ -807,7 +835,7 @@ mod tests {
     /// must not end the new one, or no sweep would ever time it out.
     #[tokio::test]
     async fn a_replaced_wait_for_a_head_does_not_end_its_successor() {
-        let idle = Arc::new(Idle::new());
+        let idle = Arc::new(Idle::new(None));
         assert!(idle.swept, "a current-thread runtime is swept");
         let timer = HeadTimer {
             idle: idle.clone(),
@@ -850,7 +878,7 @@ mod tests {
 
     /// A connection's idle state, watched by this thread's sweep (which has had a turn to run).
     async fn watched() -> Arc<Idle> {
-        let idle = Arc::new(Idle::new());
+        let idle = Arc::new(Idle::new(None));
         std::future::poll_fn(|cx| {
             sweeper::watch(&idle, cx);
             Poll::Ready(())

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, CallerBody, UpstreamBody};
 use crate::config::{Config, Route, Upstream};
+use crate::conn::{ConnRef, KeptConn};
 use crate::error::ProxyError;
 use crate::forward::{self, Clients};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -122,7 +123,12 @@ impl Proxy {
     }
 
     /// Handles one request from a caller; never fails (errors become JSON responses).
-    pub async fn handle(&self, via: &Via, mut req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        via: &Via,
+        mut req: Request<Incoming>,
+        conn: ConnRef<'_>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         // Taken out (not cloned): the request path reads it, the log line names its path.
@@ -132,7 +138,7 @@ impl Proxy {
             upstream: None,
             attempts: 0,
         };
-        let res = match self.forward(via, &uri, req, &mut outcome).await {
+        let res = match self.forward(via, &uri, req, conn, &mut outcome).await {
             Ok(res) => res,
             Err(e) => {
                 let route = outcome.route.map(|r| &*r.route.name);
@@ -162,6 +168,7 @@ impl Proxy {
         via: &Via,
         uri: &Uri,
         mut req: Request<Incoming>,
+        conn: ConnRef<'_>,
         out: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(local) = &self.local_token {
@@ -356,7 +363,7 @@ impl Proxy {
             }
 
             // 8. Respond.
-            return Ok(respond(res, lease, client_upgrade, route));
+            return Ok(respond(res, lease, client_upgrade, route, conn));
         }
     }
 }
@@ -464,6 +471,7 @@ fn respond(
     lease: Option<crate::pool::Lease>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     route: &Route,
+    conn: ConnRef<'_>,
 ) -> Response<Body> {
     let switching = res.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
@@ -471,6 +479,7 @@ fn respond(
             route.name.to_string(),
             client_upgrade,
             hyper::upgrade::on(&mut res),
+            conn.keep(),
         );
     }
     let (mut parts, body) = res.into_parts();
@@ -598,9 +607,16 @@ fn upstream_error(route: &str, e: forward::UpstreamError) -> ProxyError {
     }
 }
 
-/// Copies bytes both ways between an upgraded caller and upstream until either side closes.
-fn tunnel(route: String, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways between an upgraded caller and upstream until either side closes,
+/// keeping the caller's connection counted, seated and waited for by a shutdown (`conn`).
+fn tunnel(
+    route: String,
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    conn: KeptConn,
+) {
     tokio::spawn(async move {
+        let _conn = conn;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));

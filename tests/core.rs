@@ -429,6 +429,64 @@ async fn websocket_echoes_through_the_proxy_with_credentials() {
     assert_eq!(hs[0].header("authorization"), Some(expected.as_str()));
 }
 
+/// An upgraded connection leaves hyper at the handshake but lives on in its tunnel: until the
+/// tunnel closes it stays counted among open connections, and a shutdown waits for it.
+#[tokio::test]
+async fn an_upgraded_connection_stays_open_and_drained_until_its_tunnel_closes() {
+    let ws_up = WsEcho::start().await;
+    let auth = format!(r#"{{ type = "bearer", token = "{BEARER_KEY}" }}"#);
+    let cg = start_in_process(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n{}",
+        route("ws", "/ws", &ws_up.url(), &auth)
+    ))
+    .await;
+    let admin = cg.admin_addr();
+    // Counts the admin request's own connection too.
+    let open = || async move {
+        let metrics = get(admin, "/metrics", &[]).await.text();
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("credgate_open_connections ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .expect("credgate_open_connections")
+    };
+    assert_eq!(open().await, 1.0);
+
+    let tcp = TcpStream::connect(cg.addr()).await.unwrap();
+    let url = format!("ws://{}/ws/echo", cg.addr());
+    let (mut ws, _) = within("handshake", tokio_tungstenite::client_async(url, tcp))
+        .await
+        .expect("handshake through credgate");
+    ws.send(Message::text("one")).await.unwrap();
+    assert_eq!(
+        within("echo", ws.next()).await.unwrap().unwrap(),
+        Message::text("one")
+    );
+    assert_eq!(open().await, 2.0, "the tunnel counts as an open connection");
+
+    // A shutdown waits for the tunnel (up to its grace period), which keeps working meanwhile.
+    let shutdown = tokio::spawn(cg.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !shutdown.is_finished(),
+        "the shutdown did not wait for the tunnel"
+    );
+    ws.send(Message::text("two")).await.unwrap();
+    assert_eq!(
+        within("echo", ws.next()).await.unwrap().unwrap(),
+        Message::text("two")
+    );
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = within("close", ws.next()).await {}
+    drop(ws);
+    within("shutdown once the tunnel closed", shutdown)
+        .await
+        .unwrap();
+}
+
 // ---------------------------------------------------------------- 7. large bodies
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
