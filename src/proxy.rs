@@ -244,8 +244,12 @@ impl Proxy {
             let upstream: &Upstream = grant.upstream.as_deref().unwrap_or(&route.upstream);
             let base = matched.add_base_path && !upstream.base_path.is_empty();
             let target = match (&grant.query_token, uri.path_and_query()) {
-                // Nothing taken from the path, nothing added: the caller's target, shared.
-                (None, Some(pq)) if !base && path == pq.path() => pq.clone(),
+                // Nothing taken from the path, nothing added: the caller's target, shared. Not
+                // an absolute-form target without a path (`http://host?a=1`, whose `?a=1` is no
+                // HTTP/2 `:path`) nor `*`.
+                (None, Some(pq)) if !base && pq.as_str().starts_with('/') && path == pq.path() => {
+                    pq.clone()
+                }
                 (token, _) => {
                     let query = match token {
                         Some(t) => Some(with_token_param(uri.query(), t.expose())),

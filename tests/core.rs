@@ -656,6 +656,27 @@ async fn tls_upstream_offering_h2_is_spoken_to_in_http2() {
     }
 }
 
+/// An absolute-form target with a query and no path (`http://host?a=1`) still reaches an
+/// HTTP/2 upstream with a path: `:path` must start with `/`.
+#[tokio::test]
+async fn a_forward_proxy_target_without_a_path_reaches_an_h2_upstream_as_slash() {
+    let ca = TestCa::new();
+    let up = Upstream::start_tls(Handler::echo(), ca.server_config_h2()).await;
+    let cg = start_trusting(&ca, &up).await;
+    let target = up.addr();
+
+    let r = raw(
+        cg.addr(),
+        &format!("GET http://{target}?a=1 HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+
+    assert_eq!(r.status, 200, "{}", r.head);
+    let got = up.only();
+    assert_eq!(got.version, hyper::Version::HTTP_2);
+    assert_eq!(got.path_and_query(), "/?a=1");
+}
+
 #[tokio::test]
 async fn plain_tls_upstream_is_spoken_to_in_http1() {
     let ca = TestCa::new();
