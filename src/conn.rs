@@ -154,7 +154,7 @@ impl Conn {
         let idle = Arc::new(Idle::new(Some(Held {
             _open: open,
             _seat: seat,
-            _stop: stop.clone(),
+            stop: stop.clone(),
         })));
         idle.keep_deadline(first_by);
         let io = ConnIo {
@@ -381,14 +381,24 @@ impl ConnRef<'_> {
 }
 
 /// See [`ConnRef::keep`].
-pub struct KeptConn(#[allow(dead_code)] Arc<Idle>);
+pub struct KeptConn(Arc<Idle>);
+
+impl KeptConn {
+    /// Completes when a shutdown begins (never, for a connection no shutdown waits for).
+    pub async fn shutdown_begun(&self) {
+        match &self.0.held {
+            Some(held) => held.stop.clone().requested().await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// What a connection holds for as long as anything holds its [`Idle`]: its task, its requests
 /// and a tunnel it became (see [`ConnRef::keep`]).
 struct Held {
     _open: Counted,
     _seat: Option<Counted>,
-    _stop: StopSignal,
+    stop: StopSignal,
 }
 
 impl InFlight {
@@ -452,7 +462,7 @@ impl Drop for Counted {
 /// What an HTTP/1 connection's parts tell the serving loop; all on one task, so relaxed.
 struct Idle {
     /// The connection's place in the counts and in the drain, freed with the last holder.
-    _held: Option<Held>,
+    held: Option<Held>,
     /// All hyper wrote has been flushed to the socket.
     flushed: AtomicBool,
     /// Bytes came in since hyper began to wait for a request head.
@@ -483,7 +493,7 @@ struct Idle {
 impl Idle {
     fn new(held: Option<Held>) -> Self {
         Self {
-            _held: held,
+            held,
             flushed: AtomicBool::new(false),
             got_bytes: AtomicBool::new(false),
             park_due: AtomicBool::new(false),

@@ -611,8 +611,10 @@ fn upstream_error(route: &str, e: forward::UpstreamError) -> ProxyError {
     }
 }
 
-/// Copies bytes both ways between an upgraded caller and upstream until either side closes,
-/// keeping the caller's connection counted, seated and waited for by a shutdown (`conn`).
+/// Copies bytes both ways between an upgraded caller and upstream until either side closes, or
+/// a shutdown begins: a tunnel has no end to wait for, so it is closed then (its caller can
+/// reconnect elsewhere). Until it ends it keeps the caller's connection counted, seated and
+/// waited for by the shutdown (`conn`).
 fn tunnel(
     route: String,
     client: hyper::upgrade::OnUpgrade,
@@ -620,19 +622,27 @@ fn tunnel(
     conn: KeptConn,
 ) {
     tokio::spawn(async move {
-        let _conn = conn;
-        match tokio::try_join!(client, upstream) {
-            Ok((c, u)) => {
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                match tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    Ok((up, down)) => {
-                        tracing::debug!(route, up, down, "upgraded connection closed")
+        let copy = async {
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        Ok((up, down)) => {
+                            tracing::debug!(route, up, down, "upgraded connection closed")
+                        }
+                        Err(e) => tracing::debug!(route, error = %e, "upgraded connection ended"),
                     }
-                    Err(e) => tracing::debug!(route, error = %e, "upgraded connection ended"),
                 }
+                Err(e) => tracing::warn!(route, error = %e, "upgrade failed"),
             }
-            Err(e) => tracing::warn!(route, error = %e, "upgrade failed"),
+        };
+        tokio::select! {
+            () = copy => {}
+            () = conn.shutdown_begun() => {
+                tracing::debug!(route, "upgraded connection closed: shutting down");
+            }
         }
+        drop(conn);
     });
 }
 
