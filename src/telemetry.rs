@@ -1,17 +1,17 @@
 //! Logging set-up: `RUST_LOG` filters, `--log-format` picks JSON or human-readable lines.
 //!
-//! Lines are formatted on the thread that logs. On runtime worker threads they are gathered in
-//! a per-thread batch, handed on [`PARK_DELAY`] after the thread first runs out of work with
-//! lines in it (tokio's park hook sets a timer on the thread's runtime), at [`BATCH_BYTES`], or
-//! once the oldest line is [`BATCH_DELAY`] old; other threads hand each line on at once. A
-//! dedicated thread writes what is handed on to stderr, so a request never waits on a
-//! `write(2)`; when that thread falls behind, logging threads wait (no line is dropped).
+//! Lines are formatted on the thread that logs. On runtime worker threads (those that have
+//! parked once: tokio's park hook says so) they are gathered in a per-thread batch, handed on
+//! [`PARK_DELAY`] after its first line (a timer task on the thread's runtime) or at
+//! [`BATCH_BYTES`]; other threads hand each line on at once. A dedicated thread writes what is
+//! handed on to stderr, so a request never waits on a `write(2)`; when that thread falls behind,
+//! logging threads wait (no line is dropped).
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -32,12 +32,10 @@ pub enum LogFormat {
 
 /// A batch is handed on once it holds this much.
 pub const BATCH_BYTES: usize = 32 * 1024;
-/// ... or once its oldest line is this old (a worker that never runs out of work).
-pub const BATCH_DELAY: Duration = Duration::from_millis(250);
-/// A worker that runs out of work with lines in its batch hands the batch on this much later.
-/// Each hand-over wakes the writer thread: at a steady trickle of requests, handing on at every
-/// park cost a wake-up per request (28 instead of 25 µs of CPU per request at 5,000 req/s), and
-/// the woken thread competed for the cores with the requests themselves.
+/// ... or this long after its first line. Each hand-over wakes the writer thread: at a steady
+/// trickle of requests, handing on at every park cost a wake-up per request (28 instead of 25
+/// µs of CPU per request at 5,000 req/s), and the woken thread competed for the cores with the
+/// requests themselves.
 pub const PARK_DELAY: Duration = Duration::from_millis(5);
 
 /// Keeps the log writer thread alive; dropping it flushes what is still queued.
@@ -89,14 +87,9 @@ pub fn init(format: LogFormat) -> LogGuard {
 }
 
 /// The park hook of runtime threads (`on_thread_park`): from the first call on, the thread
-/// batches its lines, and a batch it holds is handed on [`PARK_DELAY`] later.
+/// batches its lines.
 pub fn on_park() {
-    with_batch(|b| {
-        b.batching = true;
-        if b.oldest.is_some() && !b.armed {
-            b.arm();
-        }
-    });
+    with_batch(|b| b.batching = true);
 }
 
 /// Hands this thread's batch on now.
@@ -116,13 +109,12 @@ fn with_batch(f: impl FnOnce(&mut Batch)) {
 
 thread_local! {
     static BATCH: RefCell<Batch> = const {
-        RefCell::new(Batch { buf: Vec::new(), oldest: None, batching: false, armed: false, timer: None })
+        RefCell::new(Batch { buf: Vec::new(), batching: false, armed: false, timer: None })
     };
 }
 
 struct Batch {
     buf: Vec<u8>,
-    oldest: Option<Instant>,
     /// Set on threads that have parked once (runtime workers); others never batch.
     batching: bool,
     /// The timer is set (cleared only when it fires, so it is never set twice).
@@ -141,12 +133,11 @@ impl Batch {
             let _ = sink.clone().write_all(&self.buf);
         }
         self.buf.clear();
-        self.oldest = None;
     }
 
-    /// Has the thread's timer task hand the batch on in [`PARK_DELAY`]. Called from the park
-    /// hook, inside the runtime: a task woken there runs before the thread parks, and its timer
-    /// then bounds the park.
+    /// Has the thread's timer task hand the batch on in [`PARK_DELAY`]. Called at a batch's first
+    /// line, inside the runtime: the woken task sets its timer before the thread next parks.
+    /// Where there is no current-thread runtime to run it, hands the batch on at once.
     fn arm(&mut self) {
         if self.timer.is_none() {
             // The timer task must run on this thread, to hand on this thread's batch.
@@ -213,9 +204,10 @@ impl Write for Lines {
                 return false;
             }
             b.buf.extend_from_slice(line);
-            let oldest = *b.oldest.get_or_insert_with(Instant::now);
-            if b.buf.len() >= BATCH_BYTES || oldest.elapsed() >= BATCH_DELAY {
+            if b.buf.len() >= BATCH_BYTES {
                 b.hand_on();
+            } else if !b.armed {
+                b.arm();
             }
             true
         });
