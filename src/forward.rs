@@ -91,17 +91,19 @@ impl Clients {
     }
 
     /// Sends `req`, whose URI is origin-form (`/path?query`), to `upstream`; `own` says whether
-    /// that is the route's own upstream. Returns the response and, for a pooled plaintext
-    /// connection, the lease to hand back once the response body has been read.
+    /// that is the route's own upstream, `now` is when (a clock read the caller made anyway).
+    /// Returns the response and, for a pooled plaintext connection, the lease to hand back
+    /// once the response body has been read.
     pub async fn send(
         &self,
         upstream: &Upstream,
         own: bool,
         upgrade: bool,
         mut req: Request<UpstreamBody>,
+        now: std::time::Instant,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
         if let (Some(pool), true, false) = (&self.plain, own, upgrade) {
-            let (res, lease) = pool.send(req).await?;
+            let (res, lease) = pool.send(req, now).await?;
             return Ok((res, Some(lease)));
         }
         let mut uri = std::mem::take(req.uri_mut()).into_parts();

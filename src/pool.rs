@@ -127,17 +127,19 @@ impl H1Pool {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one.
+    /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one; idle
+    /// connections are judged at `now` (the caller's clock read, the send's start).
     ///
     /// A connection the upstream closed while idle can fail a request before any of it was
     /// written; hyper hands such a request back, and it is sent once more on a new connection.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
+        now: Instant,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
         let mut req = req;
         loop {
-            let (mut conn, fresh) = match self.checkout() {
+            let (mut conn, fresh) = match self.checkout(now) {
                 Some(conn) => (conn, false),
                 None => (self.connect().await?, true),
             };
@@ -163,14 +165,14 @@ impl H1Pool {
     }
 
     /// The most recently used connection that can take a request (one may have closed since
-    /// it was kept).
-    fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+    /// it was kept), not idle for longer than the idle timeout at `now`.
+    fn checkout(&self, now: Instant) -> Option<SendRequest<UpstreamBody>> {
         let mut idle = self.idle[shard()]
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() >= self.idle_timeout {
+            if now.saturating_duration_since(since) >= self.idle_timeout {
                 // Everything below is older still.
                 idle.clear();
                 return None;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -11,6 +11,7 @@ use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use crate::body::{self, Body, CallerBody, UpstreamBody};
 use crate::config::{Config, Route, Upstream};
@@ -50,6 +51,9 @@ pub struct RouteState {
 struct Outcome<'a> {
     route: Option<&'a RouteState>,
     upstream: Option<Duration>,
+    /// When the last upstream exchange ended: the request's end too, unless something failed
+    /// after it (what little follows an answer is not worth a clock read).
+    answered: Option<Instant>,
     attempts: u32,
 }
 
@@ -136,6 +140,7 @@ impl Proxy {
         let mut outcome = Outcome {
             route: None,
             upstream: None,
+            answered: None,
             attempts: 0,
         };
         let res = match self.forward(via, &uri, req, conn, &mut outcome).await {
@@ -157,7 +162,7 @@ impl Proxy {
             status: res.status().as_u16(),
             attempts: outcome.attempts,
             upstream_us: outcome.upstream.map(|d| d.as_micros() as u64),
-            total_us: started.elapsed().as_micros() as u64,
+            total_us: (outcome.answered.unwrap_or_else(Instant::now) - started).as_micros() as u64,
         }
         .log();
         res
@@ -289,14 +294,18 @@ impl Proxy {
 
             // 6. Forward.
             let own = grant.upstream.is_none();
-            let sent = tokio::time::Instant::now();
+            let sent = Instant::now();
             let result = tokio::time::timeout_at(
                 sent + route.timeouts.request,
-                state.clients.send(upstream, own, upgrade, up_req),
+                state
+                    .clients
+                    .send(upstream, own, upgrade, up_req, sent.into_std()),
             )
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
-            out.upstream = Some(sent.elapsed());
+            let answered = Instant::now();
+            out.upstream = Some(answered - sent);
+            out.answered = Some(answered);
             let (res, lease) = match result {
                 Ok(sent) => sent,
                 Err(e) if body.caller_failed() => {
