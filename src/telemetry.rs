@@ -2,7 +2,7 @@
 //!
 //! Lines are formatted on the thread that logs. On runtime worker threads (those that have
 //! parked once: tokio's park hook says so) they are gathered in a per-thread batch, handed on
-//! [`PARK_DELAY`] after its first line (a timer task on the thread's runtime) or at
+//! [`BATCH_DELAY`] after its first line (a timer task on the thread's runtime) or at
 //! [`BATCH_BYTES`]; other threads hand each line on at once. A dedicated thread writes what is
 //! handed on to stderr, so a request never waits on a `write(2)`; when that thread falls behind,
 //! logging threads wait (no line is dropped).
@@ -36,7 +36,7 @@ pub const BATCH_BYTES: usize = 32 * 1024;
 /// trickle of requests, handing on at every park cost a wake-up per request (28 instead of 25
 /// µs of CPU per request at 5,000 req/s), and the woken thread competed for the cores with the
 /// requests themselves.
-pub const PARK_DELAY: Duration = Duration::from_millis(5);
+pub const BATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// Keeps the log writer thread alive; dropping it flushes what is still queued.
 #[must_use = "logs written after this guard is dropped may be lost"]
@@ -135,7 +135,7 @@ impl Batch {
         self.buf.clear();
     }
 
-    /// Has the thread's timer task hand the batch on in [`PARK_DELAY`]. Called at a batch's first
+    /// Has the thread's timer task hand the batch on in [`BATCH_DELAY`]. Called at a batch's first
     /// line, inside the runtime: the woken task sets its timer before the thread next parks.
     /// Where there is no current-thread runtime to run it, hands the batch on at once.
     fn arm(&mut self) {
@@ -159,7 +159,7 @@ impl Batch {
 }
 
 /// A runtime thread's log timer: each time it is woken, hands the thread's batch on
-/// [`PARK_DELAY`] later.
+/// [`BATCH_DELAY`] later.
 async fn hand_on_later(wake: std::sync::Arc<tokio::sync::Notify>) {
     /// When the task ends with its runtime: hands on what waits, and lets a later arming start
     /// a new timer.
@@ -176,7 +176,7 @@ async fn hand_on_later(wake: std::sync::Arc<tokio::sync::Notify>) {
     let _disarm = Disarm;
     loop {
         wake.notified().await;
-        tokio::time::sleep(PARK_DELAY).await;
+        tokio::time::sleep(BATCH_DELAY).await;
         with_batch(|b| {
             b.armed = false;
             b.hand_on();
