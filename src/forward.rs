@@ -14,7 +14,7 @@ use rustls::RootCertStore;
 
 use crate::body::UpstreamBody;
 use crate::config::{Timeouts, Upstream};
-use crate::pool::{H1Pool, Lease, PoolError};
+use crate::pool::{H1Pool, Lease, PoolError, TimedOut};
 
 /// Idle connections kept per upstream and worker thread (as nginx's `keepalive 128` per worker):
 /// a burst of concurrent requests opens as many connections as it needs, but only this many stay
@@ -93,7 +93,8 @@ impl Clients {
     /// Sends `req`, whose URI is origin-form (`/path?query`), to `upstream`; `own` says whether
     /// that is the route's own upstream, `now` is when (a clock read the caller made anyway).
     /// Returns the response and, for a pooled plaintext connection, the lease to hand back
-    /// once the response body has been read.
+    /// once the response body has been read; or [`TimedOut`] if the response has not begun by
+    /// `deadline`.
     pub async fn send(
         &self,
         upstream: &Upstream,
@@ -101,17 +102,23 @@ impl Clients {
         upgrade: bool,
         mut req: Request<UpstreamBody>,
         now: std::time::Instant,
-    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Result<(Response<Incoming>, Option<Lease>), UpstreamError>, TimedOut> {
         if let (Some(pool), true, false) = (&self.plain, own, upgrade) {
-            let (res, lease) = pool.send(req, now).await?;
-            return Ok((res, Some(lease)));
+            let sent = pool.send(req, now, deadline).await?;
+            return Ok(sent
+                .map(|(res, lease)| (res, Some(lease)))
+                .map_err(Into::into));
         }
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
         uri.scheme = Some(upstream.scheme.clone());
         uri.authority = Some(upstream.authority.clone());
         *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path are set");
         let client = if upgrade { &self.http1 } else { &self.pooled };
-        Ok((client.request(req).await?, None))
+        let sent = tokio::time::timeout_at(deadline, client.request(req))
+            .await
+            .map_err(|_| TimedOut)?;
+        Ok(sent.map(|res| (res, None)).map_err(Into::into))
     }
 
     /// Idle connections held for the route's own plaintext upstream.

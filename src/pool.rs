@@ -7,8 +7,11 @@
 //! checkout. A route's own `http://` upstream (a sidecar neighbour, a local service) is the
 //! common case on the hot path, so it gets this; TLS upstreams keep the general client.
 
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -16,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::body::UpstreamBody;
 
@@ -40,7 +44,53 @@ const SHARDS: usize = 8;
 #[repr(align(128))]
 struct Shard(Mutex<Idle>);
 
-type Idle = Vec<(SendRequest<UpstreamBody>, Instant)>;
+type Idle = Vec<Kept>;
+
+/// An idle connection, since when it has been idle, and its request timer.
+struct Kept {
+    conn: SendRequest<UpstreamBody>,
+    since: Instant,
+    timer: RequestTimer,
+}
+
+/// A connection's request timer, re-armed for each request it carries. A tokio timer made
+/// and dropped per request costs a timer-wheel insertion and removal, each under the wheel's
+/// lock; moving a registered timer's deadline later, as each request's is, is one atomic
+/// compare-exchange, and the wheel catches up only when the old deadline comes round (33.2k
+/// -> 32.8k instructions per request).
+struct RequestTimer {
+    sleep: Pin<Box<Sleep>>,
+    /// The thread it was made on. A timer belongs to that thread's runtime, which may stop
+    /// before another thread's (beyond [`SHARDS`] threads, stacks are shared): elsewhere a new
+    /// one is made.
+    home: usize,
+}
+
+impl RequestTimer {
+    fn new(deadline: tokio::time::Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            home: this_thread(),
+        }
+    }
+
+    /// This timer, due at `deadline`, if it is this thread's; a new one otherwise.
+    fn rearm(mut self, deadline: tokio::time::Instant) -> Self {
+        if self.home != this_thread() {
+            return Self::new(deadline);
+        }
+        self.sleep.as_mut().reset(deadline);
+        self
+    }
+}
+
+/// Tells threads apart (the address of a thread-local).
+fn this_thread() -> usize {
+    thread_local! {
+        static HERE: u8 = const { 0 };
+    }
+    HERE.with(|h| std::ptr::from_ref(h) as usize)
+}
 
 /// This thread's stack in every pool.
 fn shard() -> usize {
@@ -55,8 +105,13 @@ fn shard() -> usize {
 /// has been read to its end; dropped otherwise, it closes the connection.
 pub struct Lease {
     conn: SendRequest<UpstreamBody>,
+    timer: RequestTimer,
     pool: Arc<H1Pool>,
 }
+
+/// The request's deadline passed before its response began.
+#[derive(Debug)]
+pub struct TimedOut;
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +183,8 @@ impl H1Pool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or a new one; idle
-    /// connections are judged at `now` (the caller's clock read, the send's start).
+    /// connections are judged at `now` (the caller's clock read, the send's start). Fails with
+    /// [`TimedOut`] if the response has not begun by `deadline` (connecting included).
     ///
     /// A connection the upstream closed while idle can fail a request before any of it was
     /// written; hyper hands such a request back, and it is sent once more on a new connection.
@@ -136,28 +192,37 @@ impl H1Pool {
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
         now: Instant,
-    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        deadline: tokio::time::Instant,
+    ) -> Result<Result<(Response<Incoming>, Lease), PoolError>, TimedOut> {
         let mut req = req;
         loop {
-            let (mut conn, fresh) = match self.checkout(now) {
-                Some(conn) => (conn, false),
-                None => (self.connect().await?, true),
+            let (mut conn, mut timer, fresh) = match self.checkout(now) {
+                Some(Kept { conn, timer, .. }) => (conn, timer.rearm(deadline), false),
+                None => {
+                    let mut timer = RequestTimer::new(deadline);
+                    match until(&mut timer, self.connect()).await? {
+                        Ok(conn) => (conn, timer, true),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
             };
-            match conn.try_send_request(req).await {
+            let sent = until(&mut timer, conn.try_send_request(req)).await?;
+            match sent {
                 Ok(res) => {
                     let lease = Lease {
                         conn,
+                        timer,
                         pool: self.clone(),
                     };
-                    return Ok((res, lease));
+                    return Ok(Ok((res, lease)));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,
                     _ => {
-                        return Err(PoolError::Exchange {
+                        return Ok(Err(PoolError::Exchange {
                             error: e.into_error(),
                             reused: !fresh,
-                        })
+                        }))
                     }
                 },
             }
@@ -166,19 +231,19 @@ impl H1Pool {
 
     /// The most recently used connection that can take a request (one may have closed since
     /// it was kept), not idle for longer than the idle timeout at `now`.
-    fn checkout(&self, now: Instant) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, now: Instant) -> Option<Kept> {
         let mut idle = self.idle[shard()]
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if now.saturating_duration_since(since) >= self.idle_timeout {
+        while let Some(kept) = idle.pop() {
+            if now.saturating_duration_since(kept.since) >= self.idle_timeout {
                 // Everything below is older still.
                 idle.clear();
                 return None;
             }
-            if conn.is_ready() {
-                return Some(conn);
+            if kept.conn.is_ready() {
+                return Some(kept);
             }
         }
         None
@@ -208,7 +273,7 @@ impl H1Pool {
     /// Keeps `conn` for the next request once it can take one: the response has ended, but the
     /// request body may still be on its way (an upstream that answered an upload early), and
     /// a connection still sending must not keep the next caller waiting.
-    fn put(self: &Arc<Self>, mut conn: SendRequest<UpstreamBody>) {
+    fn put(self: &Arc<Self>, mut conn: SendRequest<UpstreamBody>, timer: RequestTimer) {
         if conn.is_closed() {
             return;
         }
@@ -217,7 +282,7 @@ impl H1Pool {
             tokio::spawn(async move {
                 let ready = tokio::time::timeout(pool.idle_timeout, conn.ready()).await;
                 if matches!(ready, Ok(Ok(()))) {
-                    pool.put(conn);
+                    pool.put(conn, timer);
                 }
             });
             return;
@@ -228,7 +293,11 @@ impl H1Pool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if idle.len() < self.max_idle {
-                idle.push((conn, Instant::now()));
+                idle.push(Kept {
+                    conn,
+                    since: Instant::now(),
+                    timer,
+                });
             }
         }
         // Read first: a swap would write the shared line at every request.
@@ -249,7 +318,7 @@ impl H1Pool {
 impl Lease {
     /// Hands the connection back for the next request.
     pub fn release(self) {
-        self.pool.put(self.conn);
+        self.pool.put(self.conn, self.timer);
     }
 }
 
@@ -270,7 +339,24 @@ async fn reap(pool: Weak<H1Pool>) {
             idle.0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .retain(|(conn, since)| since.elapsed() < timeout && !conn.is_closed());
+                .retain(|k| k.since.elapsed() < timeout && !k.conn.is_closed());
         }
     }
+}
+
+/// Runs `work` until `timer` (armed) goes off. Either way the timer lets go of this task's
+/// waker: it stays armed in the wheel until its next request, and should not keep the task
+/// (or wake it) meanwhile.
+async fn until<T>(timer: &mut RequestTimer, work: impl Future<Output = T>) -> Result<T, TimedOut> {
+    let mut work = pin!(work);
+    let sleep = &mut timer.sleep;
+    let done = poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        sleep.as_mut().poll(cx).map(|()| Err(TimedOut))
+    })
+    .await;
+    let _ = sleep.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    done
 }

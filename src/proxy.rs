@@ -295,14 +295,12 @@ impl Proxy {
             // 6. Forward.
             let own = grant.upstream.is_none();
             let sent = Instant::now();
-            let result = tokio::time::timeout_at(
-                sent + route.timeouts.request,
-                state
-                    .clients
-                    .send(upstream, own, upgrade, up_req, sent.into_std()),
-            )
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
+            let deadline = sent + route.timeouts.request;
+            let result = state
+                .clients
+                .send(upstream, own, upgrade, up_req, sent.into_std(), deadline)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
             let answered = Instant::now();
             out.upstream = Some(answered - sent);
             out.answered = Some(answered);

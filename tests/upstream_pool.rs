@@ -24,6 +24,7 @@ enum After {
 
 /// A raw HTTP/1.1 upstream: answers each GET with `conn-<n> req-<k>` (which connection, which
 /// request on it), or, for `/big`, with `BIG` bytes sent in slices while the reader keeps up.
+/// It waits its `delay` before answering, or, for `/wait/<ms>`, that many milliseconds.
 struct RawUpstream {
     addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -65,7 +66,11 @@ impl RawUpstream {
                         let head = String::from_utf8_lossy(&buf[..end]).to_string();
                         buf.drain(..end);
                         k += 1;
-                        tokio::time::sleep(delay).await;
+                        let wait = head
+                            .strip_prefix("GET /wait/")
+                            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                            .map_or(delay, Duration::from_millis);
+                        tokio::time::sleep(wait).await;
                         let ok = if head.starts_with("GET /big ") {
                             let hdr = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
                             let mut ok = s.write_all(hdr.as_bytes()).await.is_ok();
@@ -127,6 +132,43 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         assert_eq!(r.text(), format!("conn-1 req-{k}"));
     }
     assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_kept_connection_times_each_request_from_its_own_start() {
+    // A kept connection's request timer is re-armed for each request, not made anew: the
+    // second request runs past the first one's deadline and must not be cut there, the third
+    // must still be cut at its own.
+    let up = RawUpstream::start(After::KeepAlive, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "request_timeout = \"600ms\"")).await;
+    let r = get(cg.addr(), "/wait/0", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-1 req-1")
+    );
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = get(cg.addr(), "/wait/400", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-1 req-2")
+    );
+
+    let started = std::time::Instant::now();
+    let r = get(cg.addr(), "/wait/3000", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+
+    // The timed-out connection is not kept: the next request gets a new one.
+    let r = get(cg.addr(), "/wait/0", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-2 req-1")
+    );
 }
 
 #[tokio::test]
