@@ -249,7 +249,9 @@ async fn serve_h1<S: Stream>(
         .header_read_timeout(header_read_timeout)
         // A response is written from one buffer, its body copied in behind its head, not as a
         // queue of buffers handed to `writev`: fewer instructions for a small answer, and no
-        // slower for a large one (whose chunks are coalesced into fewer writes).
+        // slower for a large one (1 GiB downloads measured faster). The buffer keeps the size
+        // a large response grew it to (up to hyper's `max_buf_size`, about 400 KiB, and one
+        // chunk) while the connection stays busy; parking an idle connection frees it.
         .writev(false);
     // Polled once to be woken by it; after that a cheap check tells whether it woke us.
     // Unconstrained: a poll refused for want of coop budget would register no wake-up.
