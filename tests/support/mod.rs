@@ -1082,10 +1082,18 @@ pub async fn raw(addr: SocketAddr, request: &str) -> RawReply {
     }
 }
 
-/// An address on 127.0.0.1 where nothing listens (bound, then closed).
+/// An address on 127.0.0.1 that refuses connections: a port bound but never listened on, and
+/// kept bound until the test process ends. A port bound and closed again could meanwhile go to
+/// another test's listener, or be picked as a connection's own source port (a connection to it
+/// would then connect to itself).
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    std::mem::forget(socket);
+    addr
 }
 
 // ---------------------------------------------------------------- shared assertions and routes
