@@ -7,6 +7,10 @@
 #   WORKERS=2 bench/run.sh                # two workers each (credgate --workers 2, nginx 2 processes)
 #   BASELINE_BIN=/tmp/credgate-old bench/run.sh   # also an older build, as target "baseline"
 #   CREDGATE_BIN=/path/credgate bench/run.sh      # measure this binary instead of building one
+#   PEERS="hyperfast=18130 other=18131" bench/run.sh
+#       # also proxies you started yourself, listening on those ports and forwarding to this
+#       # run's upstream (127.0.0.1:18100) with the same two headers: in the load rounds and the
+#       # fixed-rate phase, CPU read from the process listening on the port
 #
 # Targets (all forwarding to one nginx upstream answering `return 200 "ok"`):
 #   nginx          nginx proxy, access_log off
@@ -174,6 +178,14 @@ start credgate-nolog env RUST_LOG=warn "$BIN" --config "$RUN/conf-credgate-nolog
 start credgate-token env RUST_LOG=info "$BIN" --config "$RUN/conf-credgate-token/credgate.toml" --workers "$WORKERS"
 NAMES=(nginx nginx-log credgate credgate-nolog credgate-token direct)
 PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)) $UP)
+PEER_NAMES=()
+for peer in ${PEERS:-}; do
+  name=${peer%%=*}; port=${peer#*=}
+  NAMES+=("$name"); PORTS+=("$port"); PEER_NAMES+=("$name")
+  pid=$(ss -Hltnp "sport = :$port" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)
+  [ -n "$pid" ] || { log "no process listens on $port (peer $name)"; exit 1; }
+  eval "PID_${name//-/_}=$pid"
+done
 if [ -n "${BASELINE_BIN:-}" ]; then
   start baseline env RUST_LOG=info "$BASELINE_BIN" --config "$RUN/conf-baseline/credgate.toml" --workers "$WORKERS"
   NAMES+=(baseline); PORTS+=($((BASE + 6)))
@@ -228,7 +240,7 @@ port_of() { for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$1" ] && echo "${POR
 if [ "$RATE" != 0 ]; then
   log "fixed rate: oha -q $RATE -c $RATE_CONNS -z ${DURATION}s"
   for round in $(seq "$ROUNDS"); do
-    for name in direct nginx credgate; do
+    for name in direct nginx credgate "${PEER_NAMES[@]}"; do
       out=$RUN/oha-$name-$round.json
       timeout $((DURATION + 30)) "$OHA" --no-tui --output-format json --latency-correction \
         -q "$RATE" -c "$RATE_CONNS" -z "${DURATION}s" "http://127.0.0.1:$(port_of $name)/" > "$out" 2>/dev/null || true
