@@ -25,6 +25,10 @@
 #   - start-up: credgate's spawn to first answered request
 #   - fixed rate (RATE=5000 req/s, 0 to skip; needs oha, installed with cargo if missing):
 #     p50/p99 of direct, nginx and credgate, and what each proxy adds to direct's
+#   - where the time goes at that rate (TRACE=1, off by default; needs perf, installed with apt
+#     as linux-perf if missing, and root): one second of every process's recvfrom, writev,
+#     sendto and epoll_wait (`perf record -a`) per proxy, each request followed through the
+#     proxy and the upstream by bench/trace.py (one worker: its wake-ups are the proxy's)
 #   - one request per connection (CLOSE=1, 0 to skip): wrk with `Connection: close` at nginx and
 #     credgate, rounds interleaved: what accepting costs (at WORKERS=2, spreading new connections)
 #   - large bodies (BIG_MIB=1024, 0 to skip): one upload and one download of that size through
@@ -47,6 +51,7 @@ RATE=${RATE:-5000}
 RATE_CONNS=${RATE_CONNS:-16}
 BIG_MIB=${BIG_MIB:-1024}
 CLOSE=${CLOSE:-1}
+TRACE=${TRACE:-0}
 BASE=${BASE_PORT:-18100}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -59,6 +64,10 @@ command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if [ "$TRACE" != 0 ] && ! command -v perf >/dev/null; then
+  log "installing linux-perf"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null
 fi
 OHA=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 if [ "$RATE" != 0 ] && [ ! -x "$OHA" ]; then
@@ -236,7 +245,7 @@ done
 # ---------------------------------------------------------------- fixed-rate latency
 RATE_RES=$RUN/rate.tsv
 : > "$RATE_RES"
-port_of() { for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = "$1" ] && echo "${PORTS[$i]}"; done; }
+port_of() { for i in "${!NAMES[@]}"; do if [ "${NAMES[$i]}" = "$1" ]; then echo "${PORTS[$i]}"; fi; done; }
 if [ "$RATE" != 0 ]; then
   log "fixed rate: oha -q $RATE -c $RATE_CONNS -z ${DURATION}s"
   for round in $(seq "$ROUNDS"); do
@@ -252,6 +261,26 @@ print(f"{sys.argv[2]}\t{sys.argv[3]}\t{d['summary']['requestsPerSec']:.0f}\t{p['
 PY
       log "rate round $round $(printf '%-9s' "$name") $(tail -n 1 "$RATE_RES" | awk -F'\t' '{print $3 " req/s, p50 " $4 "us, p99 " $5 "us"}')"
     done
+  done
+fi
+
+# ---------------------------------------------------------------- where the time goes
+TRACE_RES=$RUN/trace.txt
+: > "$TRACE_RES"
+if [ "$TRACE" != 0 ] && [ "$RATE" != 0 ]; then
+  events=syscalls:sys_enter_recvfrom,syscalls:sys_exit_recvfrom,syscalls:sys_enter_writev,syscalls:sys_exit_writev
+  events=$events,syscalls:sys_enter_sendto,syscalls:sys_exit_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_exit_epoll_wait
+  for name in nginx credgate "${PEER_NAMES[@]}"; do
+    port=$(port_of "$name")
+    timeout 30 "$OHA" --no-tui -q "$RATE" -c "$RATE_CONNS" -z 4s "http://127.0.0.1:$port/" >/dev/null 2>&1 &
+    load=$!
+    sleep 1.5
+    ss -tnpH > "$RUN/trace-$name.ss"
+    timeout 20 perf record -q -a -o "$RUN/trace-$name.data" -e "$events" -- sleep 1 2>/dev/null || true
+    wait "$load" || true
+    perf script -i "$RUN/trace-$name.data" -F comm,pid,tid,cpu,time,event,trace > "$RUN/trace-$name.txt" 2>/dev/null
+    python3 "$HERE/trace.py" "$name" "$RUN/trace-$name.txt" "$RUN/trace-$name.ss" "$port" "$UP" >> "$TRACE_RES"
+    rm -f "$RUN/trace-$name.data"
   done
 fi
 
@@ -395,3 +424,7 @@ if big:
 print()
 print(idle)
 PY
+if [ -s "$TRACE_RES" ]; then
+  printf '\nwhere the time goes at %s req/s (microseconds: median, 90th percentile)\n' "$RATE"
+  cat "$TRACE_RES"
+fi
