@@ -190,6 +190,7 @@ PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)) $((BASE + 4)) $((BASE + 5)) $UP
 PEER_NAMES=()
 for peer in ${PEERS:-}; do
   name=${peer%%=*}; port=${peer#*=}
+  [[ $name =~ ^[A-Za-z][A-Za-z0-9_]*$ && $port =~ ^[0-9]+$ ]] || { log "PEERS wants name=port, not $peer"; exit 1; }
   NAMES+=("$name"); PORTS+=("$port"); PEER_NAMES+=("$name")
   pid=$(ss -Hltnp "sport = :$port" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)
   [ -n "$pid" ] || { log "no process listens on $port (peer $name)"; exit 1; }
@@ -276,10 +277,13 @@ if [ "$TRACE" != 0 ] && [ "$RATE" != 0 ]; then
     load=$!
     sleep 1.5
     ss -tnpH > "$RUN/trace-$name.ss"
-    timeout 20 perf record -q -a -o "$RUN/trace-$name.data" -e "$events" -- sleep 1 2>/dev/null || true
+    timeout 20 perf record -q -a -o "$RUN/trace-$name.data" -e "$events" -- sleep 1 2>"$RUN/trace-$name.err" || true
     wait "$load" || true
-    perf script -i "$RUN/trace-$name.data" -F comm,pid,tid,cpu,time,event,trace > "$RUN/trace-$name.txt" 2>/dev/null
-    python3 "$HERE/trace.py" "$name" "$RUN/trace-$name.txt" "$RUN/trace-$name.ss" "$port" "$UP" >> "$TRACE_RES"
+    if perf script -i "$RUN/trace-$name.data" -F comm,pid,tid,cpu,time,event,trace > "$RUN/trace-$name.txt" 2>/dev/null; then
+      python3 "$HERE/trace.py" "$name" "$RUN/trace-$name.txt" "$RUN/trace-$name.ss" "$port" "$UP" >> "$TRACE_RES"
+    else
+      log "no trace of $name: $(head -c 300 "$RUN/trace-$name.err")"
+    fi
     rm -f "$RUN/trace-$name.data"
   done
 fi
