@@ -28,7 +28,7 @@
 #   - where the time goes at that rate (TRACE=1, off by default; needs perf, installed with apt
 #     as linux-perf if missing, and root): one second of every process's recvfrom, writev,
 #     sendto and epoll_wait (`perf record -a`) per proxy, each request followed through the
-#     proxy and the upstream by bench/trace.py (one worker: its wake-ups are the proxy's)
+#     proxy and the upstream by bench/trace.py
 #   - one request per connection (CLOSE=1, 0 to skip): wrk with `Connection: close` at nginx and
 #     credgate, rounds interleaved: what accepting costs (at WORKERS=2, spreading new connections)
 #   - large bodies (BIG_MIB=1024, 0 to skip): one upload and one download of that size through

@@ -7,13 +7,14 @@ enter and exit tracepoints of recvfrom, writev, sendto and epoll_wait; SS.txt is
 taken while the same connections were open. Each request is followed from the proxy's read of
 it to its answer's write: a caller's request goes upstream on the next upstream write after it
 was read (requests leave in the order they were read), and its answer is the next one read on
-that upstream connection. Prints the median and 90th percentile of each step, in microseconds.
+that upstream connection. Every thread of the proxy is followed on its own (credgate's workers,
+nginx's processes). Prints the median and 90th percentile of each step, in microseconds.
 """
 
 import re
 import statistics
 import sys
-from collections import deque
+from collections import defaultdict, deque
 
 STEPS = [
     ("woke", "read", "wake-up to the request's read"),
@@ -55,8 +56,8 @@ def main(name, trace, ss, proxy_port, up_port):
     }
     upstream_end = {v: k for k, v in peer_end.items() if v}
 
-    last_fd, woke = {}, None
-    read = deque()  # requests read, not yet sent upstream
+    last_fd, woke = {}, {}
+    read = defaultdict(deque)  # per proxy thread: requests read, not yet sent upstream
     on_upstream = {}  # the proxy's upstream (pid, fd) -> the request in flight on it
     steps = {s: [] for s in STEPS}
     for line in open(trace):
@@ -70,13 +71,13 @@ def main(name, trace, ss, proxy_port, up_port):
             last_fd[tid] = int(fd.group(1), 16) if fd else None
             if call in ("writev", "sendto") and pid in proxy:
                 ports = socks.get((pid, last_fd[tid]))
-                if ports and ports[1] == up_port and read:
-                    req = read.popleft()
+                if ports and ports[1] == up_port and read[tid]:
+                    req = read[tid].popleft()
                     req["sent"] = t
                     on_upstream[(pid, last_fd[tid])] = req
                 elif ports and ports[0] == proxy_port:
                     for key, req in list(on_upstream.items()):
-                        if req["fd"] == last_fd[tid] and "got" in req:
+                        if req["caller"] == (pid, last_fd[tid]) and "got" in req:
                             req["done"] = t
                             del on_upstream[key]
                             for a, b, label in STEPS:
@@ -87,13 +88,13 @@ def main(name, trace, ss, proxy_port, up_port):
         key = (pid, last_fd.get(tid))
         ok = not args.startswith("0xffff")  # a negative return is an error
         if pid in proxy and call == "epoll_wait":
-            woke = t
+            woke[tid] = t
         elif pid in proxy and call == "recvfrom" and ok and args != "0x0":
             ports = socks.get(key)
             if ports and ports[0] == proxy_port:
-                read.append({"fd": key[1], "woke": woke, "read": t})
+                read[tid].append({"caller": key, "woke": woke.get(tid), "read": t})
             elif key in on_upstream:
-                on_upstream[key].update(got=t, rewoke=woke)
+                on_upstream[key].update(got=t, rewoke=woke.get(tid))
         elif call in ("writev", "sendto") and key in upstream_end:
             req = on_upstream.get(upstream_end[key])
             if req is not None and "answered" not in req:
