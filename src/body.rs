@@ -89,7 +89,14 @@ impl http_body::Body for IdleLimited {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.timer = None;
-                if frame.is_none() {
+                // Trailers are a body's last frame, and hyper reads no further once it has
+                // them: this is the end.
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(f)) => f.is_trailers(),
+                    Some(Err(_)) => false,
+                };
+                if ended {
                     this.release();
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))

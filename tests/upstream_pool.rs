@@ -23,7 +23,8 @@ enum After {
 }
 
 /// A raw HTTP/1.1 upstream: answers each GET with `conn-<n> req-<k>` (which connection, which
-/// request on it), or, for `/big`, with `BIG` bytes sent in slices while the reader keeps up.
+/// request on it), for `/trailers` chunked and with a trailer, or, for `/big`, with `BIG` bytes
+/// sent in slices while the reader keeps up.
 /// It waits its `delay` before answering, or, for `/wait/<ms>`, that many milliseconds.
 struct RawUpstream {
     addr: std::net::SocketAddr,
@@ -79,6 +80,13 @@ impl RawUpstream {
                                 ok = ok && s.write_all(&slice).await.is_ok();
                             }
                             ok
+                        } else if head.starts_with("GET /trailers ") {
+                            let body = format!("conn-{n} req-{k}");
+                            let res = format!(
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n{:x}\r\n{body}\r\n0\r\nx-sum: 1\r\n\r\n",
+                                body.len()
+                            );
+                            s.write_all(res.as_bytes()).await.is_ok()
                         } else {
                             let body = format!("conn-{n} req-{k}");
                             let res = format!(
@@ -131,6 +139,30 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.text(), format!("conn-1 req-{k}"));
     }
+    assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_response_with_trailers_gives_its_connection_back() {
+    // hyper stops reading a response body at its trailers (the last frame), so the end of the
+    // body is never seen as such; the connection must go back to the pool all the same.
+    let up = RawUpstream::start(After::KeepAlive, Duration::ZERO).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    let r = get(cg.addr(), "/trailers", &[("te", "trailers")]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-1 req-1")
+    );
+    let r = get(cg.addr(), "/trailers", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-1 req-2")
+    );
+    let r = get(cg.addr(), "/x", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-1 req-3")
+    );
     assert_eq!(up.accepted(), 1);
 }
 
