@@ -167,11 +167,11 @@ impl Conn {
             admin,
             via,
             idle: idle.clone(),
-            started: Arc::new(AtomicBool::new(false)),
+            requested: Arc::new(AtomicBool::new(false)),
         };
         if io.ahead.starts_with(H2_PREFACE) {
             // Boxed: the task of every HTTP/1 connection would otherwise carry room for it.
-            Box::pin(serve_h2(io, svc, first_by, stop)).await
+            Box::pin(serve_h2(io, svc, first_by, header_read_timeout, stop)).await
         } else {
             serve_h1(io, svc, idle, header_read_timeout, stop).await
         }
@@ -196,27 +196,46 @@ async fn serve_h2<S: Stream>(
     io: ConnIo<S>,
     svc: Svc,
     first_by: tokio::time::Instant,
+    idle_after: Duration,
     stop: StopSignal,
 ) {
-    let started = svc.started.clone();
+    let requested = svc.requested.clone();
+    let idle = svc.idle.clone();
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .serve_connection(io, svc);
     let mut conn = pin!(conn);
     let mut stop = pin!(stop.requested());
-    // HTTP/2 has no header read timeout of its own: a handshake without a request must not
-    // keep the connection.
-    let first = tokio::time::sleep_until(first_by);
-    let mut first = pin!(first);
+    // HTTP/2 has no header read timeout or idle timeout of its own. The connection is checked
+    // at the header read timeout, then every such interval: with no request since the last
+    // check and none still open, it goes (so at most two intervals after its last stream
+    // ended, as an idle HTTP/1 connection goes after one). A handshake that never brought a
+    // request is dropped; a connection that served some is sent a GOAWAY.
+    let check = tokio::time::sleep_until(first_by);
+    let mut check = pin!(check);
+    let mut served = false;
     let mut stopping = false;
     let result = poll_fn(|cx| {
         if !stopping && stop.as_mut().poll(cx).is_ready() {
             stopping = true;
             conn.as_mut().graceful_shutdown();
         }
-        if !started.load(Ordering::Relaxed) && first.as_mut().poll(cx).is_ready() {
-            tracing::debug!("connection closed: no request within the header timeout");
-            return Poll::Ready(Ok(()));
+        while !stopping && check.as_mut().poll(cx).is_ready() {
+            if requested.swap(false, Ordering::Relaxed)
+                || idle.in_flight.load(Ordering::Relaxed) > 0
+            {
+                served = true;
+                check
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle_after);
+            } else if !served {
+                tracing::debug!("connection closed: no request within the header timeout");
+                return Poll::Ready(Ok(()));
+            } else {
+                tracing::debug!("idle HTTP/2 connection closed at the header read timeout");
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
         conn.as_mut().poll(cx)
     })
@@ -337,8 +356,8 @@ struct Svc {
     admin: bool,
     via: Via,
     idle: Arc<Idle>,
-    /// Set by the first request (the h2 path waits for one within the header timeout).
-    started: Arc<AtomicBool>,
+    /// Set by each request; the h2 path takes it back at each of its idle checks.
+    requested: Arc<AtomicBool>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Svc {
@@ -349,7 +368,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
     type Future = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.started.store(true, Ordering::Relaxed);
+        self.requested.store(true, Ordering::Relaxed);
         let in_flight = InFlight::new(&self.idle);
         // One reference count taken per request: with several workers each one is a write to
         // a cache line all of them share.

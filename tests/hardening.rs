@@ -824,6 +824,50 @@ async fn idle_h2c_connection_without_a_request_is_closed_at_header_read_timeout(
 }
 
 #[tokio::test]
+async fn idle_h2c_connection_is_closed_after_its_last_request() {
+    // HTTP/2 has no idle timeout of its own: a connection whose streams have all ended must
+    // still go, as an idle HTTP/1 connection goes at the header read timeout (here 1 s).
+    let up = Upstream::echo().await;
+    let cg = start_with_header_timeout(&up, "").await;
+    let tcp = tokio::net::TcpStream::connect(cg.addr()).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    let get = || {
+        Request::get(format!("http://{}/api/x", cg.addr()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+
+    let res = h2.send_request(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    // Within the timeout the connection serves more, past the first check of it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let res = h2.send_request(get()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    let last = Instant::now();
+
+    let ended = tokio::time::timeout(Duration::from_secs(4), &mut conn).await;
+    assert!(
+        ended.is_ok(),
+        "still open {:?} after its last response",
+        last.elapsed()
+    );
+    assert!(
+        last.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        last.elapsed()
+    );
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
 async fn stalled_request_body_is_answered_within_a_bounded_time() {
     // A small body (kept for replay) announced as 100 bytes; 10 arrive, then the client stalls.
     let up = Upstream::echo().await;
