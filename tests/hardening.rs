@@ -846,8 +846,8 @@ async fn idle_h2c_connection_is_closed_after_its_last_request() {
     let res = h2.send_request(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     res.into_body().collect().await.unwrap();
-    // Within the timeout the connection serves more, past the first check of it.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A connection in use is kept past its first check (at 1 s).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let res = h2.send_request(get()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     res.into_body().collect().await.unwrap();
@@ -859,11 +859,9 @@ async fn idle_h2c_connection_is_closed_after_its_last_request() {
         "still open {:?} after its last response",
         last.elapsed()
     );
-    assert!(
-        last.elapsed() >= Duration::from_millis(900),
-        "closed after {:?}",
-        last.elapsed()
-    );
+    // One to two intervals after the last stream (a little less if a check found it open).
+    let idle = last.elapsed();
+    assert!(idle >= Duration::from_millis(500), "closed after {idle:?}");
     assert_eq!(up.count(), 2);
 }
 
