@@ -34,6 +34,19 @@ pub struct Clients {
     plain: Option<Arc<H1Pool>>,
 }
 
+/// What an exchange needs of the connection it goes out on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConnNeed {
+    /// A kept connection will do.
+    Any,
+    /// A new one: a kept connection closed under this request's first try, and others kept
+    /// to the same upstream may be closing too (an upstream restarting closes them all).
+    New,
+    /// HTTP/1.1, for a protocol switch (WebSocket handshakes), even where the upstream speaks
+    /// HTTP/2.
+    Upgrade,
+}
+
 /// Why an exchange with an upstream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -99,22 +112,28 @@ impl Clients {
         &self,
         upstream: &Upstream,
         own: bool,
-        upgrade: bool,
+        need: ConnNeed,
         mut req: Request<UpstreamBody>,
         now: std::time::Instant,
         deadline: tokio::time::Instant,
     ) -> Result<Result<(Response<Incoming>, Option<Lease>), UpstreamError>, TimedOut> {
-        if let (Some(pool), true, false) = (&self.plain, own, upgrade) {
-            let sent = pool.send(req, now, deadline).await?;
-            return Ok(sent
-                .map(|(res, lease)| (res, Some(lease)))
-                .map_err(Into::into));
+        if let (Some(pool), true) = (&self.plain, own) {
+            if need != ConnNeed::Upgrade {
+                let sent = pool.send(req, now, deadline, need == ConnNeed::New).await?;
+                return Ok(sent
+                    .map(|(res, lease)| (res, Some(lease)))
+                    .map_err(Into::into));
+            }
         }
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
         uri.scheme = Some(upstream.scheme.clone());
         uri.authority = Some(upstream.authority.clone());
         *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path are set");
-        let client = if upgrade { &self.http1 } else { &self.pooled };
+        let client = if need == ConnNeed::Upgrade {
+            &self.http1
+        } else {
+            &self.pooled
+        };
         let sent = tokio::time::timeout_at(deadline, client.request(req))
             .await
             .map_err(|_| TimedOut)?;

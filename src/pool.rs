@@ -192,15 +192,18 @@ impl H1Pool {
     ///
     /// A connection the upstream closed while idle can fail a request before any of it was
     /// written; hyper hands such a request back, and it is sent once more on a new connection.
+    /// With `new`, no idle connection is tried.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
         now: Instant,
         deadline: tokio::time::Instant,
+        new: bool,
     ) -> Result<Result<(Response<Incoming>, Lease), PoolError>, TimedOut> {
         let mut req = req;
         loop {
-            let (mut conn, mut timer, fresh) = match self.checkout(now) {
+            let kept = if new { None } else { self.checkout(now) };
+            let (mut conn, mut timer, fresh) = match kept {
                 Some(Kept { conn, timer, .. }) => (conn, timer.rearm(deadline), false),
                 None => {
                     let mut timer = RequestTimer::new(deadline);

@@ -17,7 +17,7 @@ use crate::body::{self, Body, CallerBody, UpstreamBody};
 use crate::config::{Config, Route, Upstream};
 use crate::conn::{ConnRef, KeptConn};
 use crate::error::ProxyError;
-use crate::forward::{self, Clients};
+use crate::forward::{self, Clients, ConnNeed};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::retry::CoolDown;
 use crate::route::{RouteTable, Via};
@@ -294,11 +294,18 @@ impl Proxy {
 
             // 6. Forward.
             let own = grant.upstream.is_none();
+            let need = if upgrade {
+                ConnNeed::Upgrade
+            } else if resent {
+                ConnNeed::New
+            } else {
+                ConnNeed::Any
+            };
             let sent = Instant::now();
             let deadline = sent + route.timeouts.request;
             let result = state
                 .clients
-                .send(upstream, own, upgrade, up_req, sent.into_std(), deadline)
+                .send(upstream, own, need, up_req, sent.into_std(), deadline)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(route.timeouts.request))?;
             let answered = Instant::now();

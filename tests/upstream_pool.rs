@@ -20,6 +20,9 @@ enum After {
     KeepAlive,
     /// Closes it 20 ms later, without saying so (as an upstream's idle timeout does).
     Close,
+    /// Keeps it open, but closes it without an answer when the next request arrives (as an
+    /// upstream that restarts closes every connection it holds, whatever is in flight).
+    DropNext,
 }
 
 /// A raw HTTP/1.1 upstream: answers each GET with `conn-<n> req-<k>` (which connection, which
@@ -67,6 +70,10 @@ impl RawUpstream {
                         let head = String::from_utf8_lossy(&buf[..end]).to_string();
                         buf.drain(..end);
                         k += 1;
+                        if after == After::DropNext && k > 1 {
+                            c.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
                         let wait = head
                             .strip_prefix("GET /wait/")
                             .and_then(|rest| rest.split(' ').next()?.parse().ok())
@@ -140,6 +147,25 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         assert_eq!(r.text(), format!("conn-1 req-{k}"));
     }
     assert_eq!(up.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_request_lost_with_a_kept_connection_is_resent_on_a_new_one() {
+    // Two kept connections, both of which the upstream drops as the next request arrives on
+    // them: the request goes out on one, is lost, and is sent once more, on a new connection
+    // (not on the other kept one, which would lose it too).
+    let up = RawUpstream::start(After::DropNext, Duration::from_millis(200)).await;
+    let cg = start_in_process(&config(&up, "")).await;
+    let (a, b) = tokio::join!(get(cg.addr(), "/x", &[]), get(cg.addr(), "/x", &[]));
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(up.accepted(), 2);
+
+    let r = get(cg.addr(), "/x", &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "conn-3 req-1")
+    );
+    assert_eq!(up.accepted(), 3);
 }
 
 #[tokio::test]
