@@ -561,10 +561,14 @@ impl TokenSource {
                 } else {
                     (st.backoff * 2).min(self.policy.backoff_max)
                 };
-                // Full jitter on the upper half keeps many keys from retrying in lockstep.
-                let wait = backoff
-                    .mul_f64(0.5 + rand::random::<f64>() / 2.0)
-                    .max(e.retry_after.unwrap_or_default());
+                // Full jitter on the upper half keeps many keys from retrying in lockstep. The
+                // endpoint's Retry-After is honoured up to the longest backoff: one odd answer
+                // (a day) must not keep a route without credentials after the endpoint is back.
+                let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0).max(
+                    e.retry_after
+                        .unwrap_or_default()
+                        .min(self.policy.backoff_max),
+                );
                 tracing::warn!(route = %self.route, token = self.kind, key = %slot.key, ?reason, error = %e.message, retry_in_s = wait.as_secs_f32(), "token fetch failed");
                 st.backoff = backoff;
                 // Waiting requests get the fast 503 (`failing`); the key stays wanted only if
@@ -790,6 +794,62 @@ mod tests {
         ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send + 'a>> {
             Box::pin(async { Err(FetchError::new("down")) })
         }
+    }
+
+    /// Answers the first fetch with a 429 asking for a day's wait, then issues tokens.
+    struct BusyOnce(std::sync::atomic::AtomicUsize);
+
+    impl Fetch for BusyOnce {
+        fn fetch<'a>(
+            &'a self,
+            _key: &'a str,
+            _reason: Reason,
+        ) -> Pin<Box<dyn Future<Output = Result<Fetched, FetchError>> + Send + 'a>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 0 {
+                    let mut e = FetchError::new("HTTP 429");
+                    e.retry_after = Some(Duration::from_secs(86_400));
+                    return Err(e);
+                }
+                Ok(Fetched {
+                    value: Secret::from("t".to_owned()),
+                    expires_in: Some(Duration::from_secs(60)),
+                    upstream: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_endpoints_retry_after_is_capped_at_the_longest_backoff() {
+        let mut policy = Lifecycle::with_default_lifetime(Duration::from_secs(60));
+        policy.backoff_min = Duration::from_millis(50);
+        policy.backoff_max = Duration::from_millis(200);
+        let fetcher = Arc::new(BusyOnce(Default::default()));
+        let source = Arc::new(TokenSource::new("r", "test", fetcher.clone(), policy, None));
+        match source.get("k") {
+            Ok(_) => panic!("the first fetch fails"),
+            Err(wait) => assert!(wait.await.is_err()),
+        }
+        let started = Instant::now();
+        let token = loop {
+            match source.get("k") {
+                Ok(t) => break t,
+                Err(wait) => {
+                    if let Ok(t) = wait.await {
+                        break t;
+                    }
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "still no token: the day's Retry-After was honoured"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(token.value.expose(), "t");
+        assert_eq!(fetcher.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
