@@ -89,6 +89,9 @@ pub enum Reason {
     Refresh,
     /// The upstream rejected the current token with 401.
     Rejected,
+    /// The upstream rejected the token fetched after a 401 too (the credentials behind it,
+    /// not just the token, may be stale).
+    RejectedAgain,
 }
 
 /// One kind of token endpoint (Oblien, OAuth2, ...).
@@ -211,6 +214,8 @@ struct SlotState {
     rejections_quiet_until: Option<Instant>,
     /// Rejections in a row, each doubling the quiet time.
     rejections: u32,
+    /// The current token (or the last, if it was rejected) was fetched after a 401.
+    after_rejection: bool,
 }
 
 impl Drop for Slot {
@@ -475,9 +480,14 @@ impl TokenSource {
         if !slot.always && !st.wanted && !usable && tried && !backing_off {
             return Next::Forget;
         }
+        let rejected = if st.after_rejection {
+            Reason::RejectedAgain
+        } else {
+            Reason::Rejected
+        };
         if let Some(at) = st.retry_at {
             let reason = if st.rejected {
-                Reason::Rejected
+                rejected
             } else if slot.current.load().is_some() {
                 Reason::Refresh
             } else {
@@ -486,7 +496,7 @@ impl TokenSource {
             return Next::FetchAt(at, reason);
         }
         if st.rejected {
-            return Next::FetchAt(Instant::now(), Reason::Rejected);
+            return Next::FetchAt(Instant::now(), rejected);
         }
         match current {
             // Someone waits and the token is past its usable point: fetch now.
@@ -552,6 +562,7 @@ impl TokenSource {
                     fetches_failed: st.fetches_failed,
                     rejections_quiet_until: st.rejections_quiet_until,
                     rejections: st.rejections,
+                    after_rejection: matches!(reason, Reason::Rejected | Reason::RejectedAgain),
                     ..SlotState::default()
                 };
             }

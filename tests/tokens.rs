@@ -306,7 +306,9 @@ async fn token_endpoint_down_past_expiry_fails_fast_then_recovers() {
 // ---------------------------------------------------------------- 401 from the upstream
 
 #[tokio::test]
-async fn revoked_token_is_rotated_once_and_the_request_replayed() {
+async fn a_revoked_token_is_replaced_without_rotating_and_the_request_replayed() {
+    // Another client of the workspace rotated its connection token: a fresh JWT (`enable`)
+    // carries the new one. Rotating again would break that other client in turn.
     let fake = fake_with_lifetime(Duration::from_secs(60));
     let cg = start_oblien(&fake, WS_A_ON_DEMAND).await;
     let before = echoed_authorization(&get(cg.addr(), "/w/files", &[]).await);
@@ -317,15 +319,59 @@ async fn revoked_token_is_rotated_once_and_the_request_replayed() {
     let after = echoed_authorization(&r);
     assert_ne!(after, before);
     assert_eq!(echo(&r)["query"], "replayed=1");
-    assert_eq!(fake.calls(Endpoint::Rotate), 1);
-    assert_eq!(fake.calls(Endpoint::Enable), 1);
+    assert_eq!(fake.calls(Endpoint::Rotate), 0);
+    assert_eq!(fake.calls(Endpoint::Enable), 2);
     assert_eq!((fake.gateway_requests(), fake.gateway_rejections()), (3, 1));
-    // The rotated token is cached like any other.
+    // The new token is cached like any other.
     assert_eq!(
         echoed_authorization(&get(cg.addr(), "/w/files", &[]).await),
         after
     );
-    assert_eq!(fake.calls(Endpoint::Rotate), 1);
+    assert_eq!(fake.calls(Endpoint::Enable), 2);
+}
+
+#[tokio::test]
+async fn two_credgates_sharing_a_workspace_do_not_rotate_each_others_tokens_away() {
+    let fake = fake_with_lifetime(Duration::from_secs(60));
+    let a = start_oblien(&fake, WS_A_ON_DEMAND).await;
+    let b = start_oblien(&fake, WS_A_ON_DEMAND).await;
+    for cg in [&a, &b] {
+        assert_eq!(get(cg.addr(), "/w/files", &[]).await.status, StatusCode::OK);
+    }
+    fake.revoke_workspace("ws_a");
+
+    for i in 0..10 {
+        let cg = if i % 2 == 0 { &a } else { &b };
+        let r = get(cg.addr(), "/w/files", &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.text());
+    }
+    // Each met one 401 (its token from before the revocation) and fetched once more.
+    assert_eq!(fake.gateway_rejections(), 2);
+    assert_eq!(fake.calls(Endpoint::Rotate), 0);
+}
+
+#[tokio::test]
+async fn a_token_fetched_after_a_401_and_rejected_too_is_then_rotated() {
+    let fake = fake_with_lifetime(Duration::from_secs(60));
+    let cg = start_oblien(&fake, WS_A_ON_DEMAND).await;
+    assert_eq!(get(cg.addr(), "/w/files", &[]).await.status, StatusCode::OK);
+    fake.set_gateway_rejects_all(true);
+
+    // The first 401: a fresh JWT, no rotation; it is rejected too, and that 401 passes on.
+    let r = get(cg.addr(), "/w/files", &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(
+        (fake.calls(Endpoint::Enable), fake.calls(Endpoint::Rotate)),
+        (2, 0)
+    );
+    // After the quiet time (1 s after the first 401), the fresh JWT's rejection rotates.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get(cg.addr(), "/w/files", &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text());
+    assert_eq!(
+        (fake.calls(Endpoint::Enable), fake.calls(Endpoint::Rotate)),
+        (2, 1)
+    );
 }
 
 #[tokio::test]
@@ -352,7 +398,10 @@ async fn a_401_to_a_streamed_request_drops_the_token_for_the_next_one() {
     let next = get(cg.addr(), "/w/files", &[]).await;
     assert_eq!(next.status, StatusCode::OK, "{}", next.text());
     assert_ne!(echoed_authorization(&next), before);
-    assert_eq!(fake.calls(Endpoint::Rotate), 1);
+    assert_eq!(
+        (fake.calls(Endpoint::Enable), fake.calls(Endpoint::Rotate)),
+        (2, 0)
+    );
     assert_eq!(
         fake.gateway_rejections(),
         1,
@@ -361,7 +410,7 @@ async fn a_401_to_a_streamed_request_drops_the_token_for_the_next_one() {
 }
 
 #[tokio::test]
-async fn token_rejected_again_after_rotation_returns_the_401() {
+async fn token_rejected_again_after_a_fresh_fetch_returns_the_401() {
     let fake = fake_with_lifetime(Duration::from_secs(60));
     let cg = start_oblien(&fake, WS_A_ON_DEMAND).await;
     echo(&get(cg.addr(), "/w/files", &[]).await);
@@ -375,7 +424,10 @@ async fn token_rejected_again_after_rotation_returns_the_401() {
         json!({"error": "unauthorized"}),
         "the gateway's own 401"
     );
-    assert_eq!(fake.calls(Endpoint::Rotate), 1);
+    assert_eq!(
+        (fake.calls(Endpoint::Enable), fake.calls(Endpoint::Rotate)),
+        (2, 0)
+    );
     assert_eq!(fake.gateway_requests(), 3, "one replay, no more");
 }
 
@@ -444,8 +496,12 @@ async fn fifty_concurrent_401s_for_one_token_cause_one_fetch() {
     for r in &replies {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     }
-    assert_eq!(fake.calls(Endpoint::Rotate), 1);
-    assert_eq!(fake.calls(Endpoint::Enable), 1);
+    assert_eq!(fake.calls(Endpoint::Rotate), 0);
+    assert_eq!(
+        fake.calls(Endpoint::Enable),
+        2,
+        "the first token, then one fetch"
+    );
     let received = up.received();
     let carrying_old = received
         .iter()

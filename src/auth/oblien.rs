@@ -155,9 +155,12 @@ struct OblienFetcher {
 impl OblienFetcher {
     async fn fetch_token(&self, workspace: &str, reason: Reason) -> Result<Fetched, FetchError> {
         // `enable` returns a fresh JWT without rotating the connection token, so other clients
-        // of the workspace keep working; rotating (`POST .../token`) is only for a rejected token.
+        // of the workspace keep working. A 401 is most often one of them having rotated it:
+        // a fresh JWT carries the new one. Rotating (`POST .../token`, which invalidates every
+        // other client's token) is only for when that fresh JWT is rejected too; rotating at
+        // the first 401 had two credgates sharing a workspace rotate each other's tokens away.
         let (method, endpoint) = match (self.token, reason) {
-            (OblienToken::Gateway, Reason::Rejected) => (Method::POST, "token"),
+            (OblienToken::Gateway, Reason::RejectedAgain) => (Method::POST, "token"),
             (OblienToken::Gateway, _) => (Method::POST, "enable"),
             (OblienToken::Workspace, _) => (Method::POST, "workspace"),
             (OblienToken::Raw, _) => (Method::GET, "token/raw"),
