@@ -337,7 +337,12 @@ impl Proxy {
                     // Nothing reached the upstream: safe to try again with a kept body.
                     let connect_failed = matches!(err, ProxyError::UpstreamUnreachable);
                     if connect_failed && body.replayable() && attempt < route.retry.max_attempts {
-                        let wait = route.retry.wait_after(attempt, None);
+                        // No upstream asked for this wait: it is credgate's backoff, and no
+                        // longer than any one wait may be.
+                        let wait = route
+                            .retry
+                            .wait_after(attempt, None)
+                            .min(route.retry.max_wait);
                         retry_pause(state, attempt, wait, "connection failed").await;
                         continue;
                     }

@@ -411,6 +411,38 @@ async fn refused_upstream_gets_502_within_a_second_after_the_default_retries() {
 }
 
 #[tokio::test]
+async fn connect_retries_wait_no_longer_than_max_wait() {
+    // Backoff alone would wait up to 2 s before each of four replays; max_wait caps each wait.
+    let upstream = format!("http://{}", closed_port());
+    let cg = start_in_process(&config_with_admin(
+        "",
+        &format!(
+            "{}[route.retry]\nmax_attempts = 5\nmax_wait = \"100ms\"\nbackoff_base = \"2s\"\nbackoff_cap = \"2s\"\n",
+            route("down", "/down", &upstream, NO_AUTH)
+        ),
+    ))
+    .await;
+
+    let started = Instant::now();
+    let r = get(cg.addr(), "/down/x", &[]).await;
+    let took = started.elapsed();
+
+    credgate_error(
+        &r,
+        StatusCode::BAD_GATEWAY,
+        "upstream_unreachable",
+        Some("down"),
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    let metrics = admin_get(cg.admin_addr(), "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "credgate_retries_total{route=\"down\"}"),
+        Some(4.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn upstream_reset_mid_body_aborts_the_callers_response_and_the_next_request_works() {
     // 1,000,000 bytes announced (or chunked), 10,000 sent, then the connection dies.
     let answer: RawAnswer = Arc::new(|path: &str| {
