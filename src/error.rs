@@ -40,7 +40,7 @@ pub enum ProxyError {
     ForbiddenByPolicy(&'static str),
     #[error("workspace {0} is not in this route's allow-list")]
     ForbiddenWorkspace(String),
-    #[error("rate limit: {reason}; retry after {}s", retry_after.as_secs())]
+    #[error("rate limit: {reason}; retry after {}s", retry_after.as_secs_f32().ceil())]
     Throttled {
         reason: &'static str,
         retry_after: Duration,
@@ -109,10 +109,9 @@ impl ProxyError {
                 );
             }
             ProxyError::Throttled { retry_after, .. } => {
-                h.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after.as_secs().max(1)),
-                );
+                // Rounded up: a caller coming back after 1 s of a 1.9 s wait would be early.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             ProxyError::LocalTokenRequired {
                 forward_proxy: true,
@@ -139,6 +138,18 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credgates_own_retry_after_is_rounded_up_to_whole_seconds() {
+        for (wait_ms, header) in [(1, "1"), (1000, "1"), (1001, "2"), (1900, "2"), (3000, "3")] {
+            let res = ProxyError::Throttled {
+                reason: "test",
+                retry_after: Duration::from_millis(wait_ms),
+            }
+            .into_response(None);
+            assert_eq!(res.headers()[header::RETRY_AFTER], header, "{wait_ms} ms");
+        }
+    }
 
     #[test]
     fn each_error_maps_to_its_status_and_code() {
