@@ -1,6 +1,7 @@
 //! Rate limits: `Retry-After`, when a retry is safe, the per-route cool-down gate, and pacing.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -165,11 +166,20 @@ pub struct RateLimitSpec {
 }
 
 /// Client-side pacing: requests over the rate wait their turn (bounded queue, bounded wait).
+/// Waiting requests form a line: only its first asks the limiter, so turns go in arrival
+/// order, and a request that the line ahead of it would hold past its longest wait is
+/// refused as it arrives.
 pub struct Pacer {
     /// As written, so a reload can tell whether the pace changed.
     pub spec: RateLimitSpec,
     limiter: DefaultDirectRateLimiter,
     queue: Semaphore,
+    /// Held by the first request of the line (tokio's mutex is first come, first served).
+    line: tokio::sync::Mutex<()>,
+    /// Requests in the line.
+    waiting: AtomicUsize,
+    /// When the limiter last said its next turn falls.
+    next_turn: Mutex<Instant>,
     interval: Duration,
 }
 
@@ -202,6 +212,9 @@ impl RateLimitSpec {
             spec: self.clone(),
             limiter: RateLimiter::direct(quota),
             queue: Semaphore::new(queue),
+            line: tokio::sync::Mutex::new(()),
+            waiting: AtomicUsize::new(0),
+            next_turn: Mutex::new(Instant::now()),
             interval,
         })
     }
@@ -209,31 +222,75 @@ impl RateLimitSpec {
 
 impl Pacer {
     /// Waits for this request's turn. Fails at once with credgate's own 429 when the queue
-    /// is full or the wait would exceed `max_wait`.
+    /// is full or the line ahead would hold it longer than `max_wait`.
     pub async fn acquire(&self, max_wait: Duration) -> Result<(), ProxyError> {
-        let full = || ProxyError::Throttled {
-            reason: "too many requests are waiting for this route",
-            retry_after: self.interval,
+        let _place = self
+            .queue
+            .try_acquire()
+            .map_err(|_| ProxyError::Throttled {
+                reason: "too many requests are waiting for this route",
+                retry_after: self.interval,
+            })?;
+        let ahead = self.waiting.load(Ordering::Relaxed);
+        if ahead == 0 {
+            match self.limiter.check() {
+                Ok(()) => return Ok(()),
+                Err(not_until) => {
+                    self.note_next_turn(&not_until);
+                }
+            }
+        }
+        // Its turn comes after those of the requests ahead, each a pace interval apart.
+        let now = Instant::now();
+        let next_turn = *self.next_turn.lock().unwrap_or_else(|e| e.into_inner());
+        let expected = next_turn.saturating_duration_since(now)
+            + self
+                .interval
+                .saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
+        let too_long = |retry_after| ProxyError::Throttled {
+            reason: "the route's pace would hold this request too long",
+            retry_after,
         };
-        let _place = self.queue.try_acquire().map_err(|_| full())?;
-        let deadline = Instant::now() + max_wait;
+        if expected > max_wait {
+            return Err(too_long(expected));
+        }
+        let deadline = now + max_wait;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _in_line = InLine(&self.waiting);
+        let _first = self.line.lock().await;
         loop {
             match self.limiter.check() {
                 Ok(()) => return Ok(()),
                 Err(not_until) => {
-                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                        &governor::clock::DefaultClock::default(),
-                    ));
+                    let wait = self.note_next_turn(&not_until);
                     if Instant::now() + wait > deadline {
-                        return Err(ProxyError::Throttled {
-                            reason: "the route's pace would hold this request too long",
-                            retry_after: wait,
-                        });
+                        return Err(too_long(wait));
                     }
                     tokio::time::sleep(wait).await;
                 }
             }
         }
+    }
+
+    /// Notes when the limiter's next turn falls; returns how long until then.
+    fn note_next_turn(
+        &self,
+        not_until: &governor::NotUntil<governor::clock::QuantaInstant>,
+    ) -> Duration {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        *self.next_turn.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + wait;
+        wait
+    }
+}
+
+/// Counts a request in the line until it leaves it (its turn, a refusal, or its caller gone).
+struct InLine<'a>(&'a AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

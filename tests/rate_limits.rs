@@ -458,6 +458,58 @@ async fn pacing_beyond_max_wait_is_refused_locally() {
 }
 
 #[tokio::test]
+async fn paced_callers_go_in_arrival_order_and_those_beyond_max_wait_are_refused_at_once() {
+    // One request every 500 ms, at most 1.2 s of waiting: of 8 callers 10 ms apart, the first
+    // three have their turns at 0, 0.5 and 1 s; the others' would come too late.
+    let up = Scripted::replies(vec![ok()]).await;
+    let cg = credgate(
+        &up,
+        "[route.rate_limit]\nrequests = 2\nper = \"1s\"\n[route.retry]\nmax_wait = \"1200ms\"",
+    )
+    .await;
+    let addr = cg.addr();
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        callers.push(tokio::spawn(timed_get(addr)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (i, caller) in callers.into_iter().enumerate() {
+        let (r, took) = within("a paced caller", caller).await.unwrap();
+        if i < 3 {
+            assert_eq!(r.status, StatusCode::OK, "caller {i}: {}", r.text());
+        } else {
+            assert_local_429(&r);
+            assert!(
+                took < Duration::from_millis(300),
+                "caller {i} refused after {took:?}"
+            );
+        }
+    }
+    assert_eq!(up.count(), 3);
+}
+
+#[tokio::test]
+async fn a_paced_caller_whose_turn_is_within_max_wait_waits_for_it() {
+    // One request every 2 s, at most 1 s of waiting: a caller 1.3 s after the first has its
+    // turn 0.7 s away, which is within max_wait, though a whole interval is not.
+    let up = Scripted::replies(vec![ok()]).await;
+    let cg = credgate(
+        &up,
+        "[route.rate_limit]\nrequests = 1\nper = \"2s\"\n[route.retry]\nmax_wait = \"1s\"",
+    )
+    .await;
+    let (first, _) = timed_get(cg.addr()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+
+    let (r, took) = timed_get(cg.addr()).await;
+
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(took >= Duration::from_millis(400), "took {took:?}");
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test]
 async fn pacing_queue_full_is_refused_locally() {
     let up = Scripted::replies(vec![ok()]).await;
     let cg = credgate(
