@@ -67,7 +67,33 @@ impl RouteTable {
         for list in t.by_upstream_host.values_mut() {
             list.sort_by_key(|&i| std::cmp::Reverse(t.upstreams[i].1.len()));
         }
+        for (first, shadowed) in t.forward_shadowed() {
+            let (a, b) = (&routes[first], &routes[shadowed]);
+            tracing::info!(
+                route = %a.name, also = %b.name, upstream = %b.upstream,
+                "forward-proxy requests for this upstream go to the first route declared for it (with its credentials); the other is reached only through its own host or prefix"
+            );
+        }
         t
+    }
+
+    /// Pairs of shared-listener routes that a forward-proxy request cannot tell apart (same
+    /// upstream host, port and base path): the first declared takes all such requests.
+    fn forward_shadowed(&self) -> Vec<(usize, usize)> {
+        let dedicated = |i: usize| self.dedicated.values().any(|&d| d == i);
+        let mut pairs = Vec::new();
+        for list in self.by_upstream_host.values() {
+            for (n, &b) in list.iter().enumerate() {
+                let first = list[..n].iter().copied().find(|&a| {
+                    !dedicated(a) && !dedicated(b) && self.upstreams[a] == self.upstreams[b]
+                });
+                if let Some(a) = first {
+                    pairs.push((a, b));
+                }
+            }
+        }
+        pairs.sort_unstable();
+        pairs
     }
 
     /// Finds the route for a request.
@@ -274,6 +300,33 @@ mod tests {
         h.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
         let m = t.0.find(&Via::Shared, Version::HTTP_11, &uri, &h)?;
         Ok((t.1[m.route].clone(), m.rest.to_owned()))
+    }
+
+    #[test]
+    fn routes_a_forward_proxy_request_cannot_tell_apart_are_named() {
+        let t = table(
+            &[
+                route("root", "prefix = \"/r\"", "http://api:8080/v1"),
+                route("read", "prefix = \"/ro\"", "http://api:8080/v1"),
+                route("other-port", "prefix = \"/p\"", "http://api:9090/v1"),
+                route("other-base", "prefix = \"/b\"", "http://api:8080/v2"),
+                route("own", "listen = \"127.0.0.1:0\"", "http://api:8080/v1"),
+            ]
+            .concat(),
+        );
+        let named: Vec<_> =
+            t.0.forward_shadowed()
+                .into_iter()
+                .map(|(a, b)| (t.1[a].as_str(), t.1[b].as_str()))
+                .collect();
+        assert_eq!(named, [("root", "read")]);
+        // And the first declared is the one chosen.
+        let uri: Uri = "http://api:8080/v1/x".parse().unwrap();
+        let headers = HeaderMap::new();
+        let m =
+            t.0.find(&Via::Shared, Version::HTTP_11, &uri, &headers)
+                .unwrap();
+        assert_eq!(t.1[m.route], "root");
     }
 
     #[test]
