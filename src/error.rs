@@ -40,7 +40,7 @@ pub enum ProxyError {
     ForbiddenByPolicy(&'static str),
     #[error("workspace {0} is not in this route's allow-list")]
     ForbiddenWorkspace(String),
-    #[error("rate limit: {reason}; retry after {}s", retry_after.as_secs_f32().ceil())]
+    #[error("rate limit: {reason}; retry after {}s", whole_seconds_up(retry_after))]
     Throttled {
         reason: &'static str,
         retry_after: Duration,
@@ -109,9 +109,10 @@ impl ProxyError {
                 );
             }
             ProxyError::Throttled { retry_after, .. } => {
-                // Rounded up: a caller coming back after 1 s of a 1.9 s wait would be early.
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(whole_seconds_up(&retry_after)),
+                );
             }
             ProxyError::LocalTokenRequired {
                 forward_proxy: true,
@@ -133,6 +134,12 @@ impl ProxyError {
         }
         res
     }
+}
+
+/// A wait in whole seconds, rounded up and at least 1: a caller coming back after 1 s of a
+/// 1.9 s wait would be early.
+fn whole_seconds_up(d: &Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 #[cfg(test)]
